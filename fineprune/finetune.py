@@ -1,0 +1,145 @@
+"""Fine-tuning the pruned model on the defender's clean data, epoch chosen on validation.
+
+The epoch is picked on a validation slice carved from the tuning data, never on the held-out
+split the report quotes. Channels that surgery had to zero (not remove) are zeroed again after
+every step, so training cannot bring a pruned channel back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fineprune.data import LabelledData
+from fineprune.evaluation import OutputKind, predict, rate
+from fineprune.sweep import predicted_classes
+
+ZeroMask = tuple[str, int, np.ndarray]  # layer name, weight index, True where the weight is 0
+EpochCallback = Callable[[dict[str, float]], None]
+
+
+@dataclass
+class FineTuneSettings:
+    epochs: int
+    learning_rate: float
+    batch_size: int
+    augment: bool
+    patience: int
+    seed: int
+
+
+@dataclass
+class FineTuneResult:
+    model: keras.Model
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+class _KeepZeroed(keras.callbacks.Callback):
+    def __init__(self, model: keras.Model, masks: list[ZeroMask]) -> None:
+        super().__init__()
+        self._targets = [
+            (model.get_layer(name).weights[index], tf.constant(mask)) for name, index, mask in masks
+        ]
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        for variable, mask in self._targets:
+            variable.assign(tf.where(mask, tf.zeros_like(variable), variable))
+
+
+def _loss(kind: OutputKind, classes: int) -> keras.losses.Loss:
+    from_logits = kind == "logits"
+    if classes == 1:
+        return keras.losses.BinaryCrossentropy(from_logits=from_logits)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def _augmenter(seed: int) -> keras.Sequential:
+    # Small geometric changes only: flips would turn "keep left" into "keep right".
+    return keras.Sequential(
+        [
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 1),
+        ]
+    )
+
+
+def _dataset(data: LabelledData, settings: FineTuneSettings, image_like: bool) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((data.x, data.y))
+    ds = ds.shuffle(len(data), seed=settings.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(settings.batch_size)
+    if settings.augment and image_like:
+        augment = _augmenter(settings.seed)
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=2)
+    return ds.prefetch(2)
+
+
+def _validation_loss(
+    model: keras.Model, loss: keras.losses.Loss, data: LabelledData, classes: int
+) -> tuple[float, float]:
+    outputs = predict(model, data.x)
+    labels = data.y.astype(np.float32)[:, None] if classes == 1 else data.y
+    value = float(keras.ops.convert_to_numpy(loss(labels, outputs)))
+    accuracy = float((predicted_classes(outputs) == data.y).mean())
+    return value, accuracy
+
+
+def fine_tune(
+    model: keras.Model,
+    train: LabelledData,
+    validation: LabelledData,
+    settings: FineTuneSettings,
+    kind: OutputKind,
+    zero_masks: list[ZeroMask] | None = None,
+    trigger: LabelledData | None = None,
+    on_epoch: EpochCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FineTuneResult:
+    """Train `model` in place for up to `settings.epochs`; return it with the best weights."""
+    classes = int(model.outputs[0].shape[-1])
+    loss = _loss(kind, classes)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
+        loss=loss,
+        metrics=["accuracy"],
+    )
+    image_like = train.x.ndim == 4 and train.x.shape[-1] in (1, 3)
+    dataset = _dataset(train, settings, image_like)
+    callbacks = [_KeepZeroed(model, zero_masks)] if zero_masks else []
+
+    best_weights = model.get_weights()
+    best_loss, best_accuracy = _validation_loss(model, loss, validation, classes)
+    result = FineTuneResult(model=model)
+    since_best = 0
+    for epoch in range(1, settings.epochs + 1):
+        if should_stop is not None and should_stop():
+            break
+        fit = model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
+        val_loss, val_accuracy = _validation_loss(model, loss, validation, classes)
+        record = {
+            "epoch": epoch,
+            "loss": float(fit.history["loss"][-1]),
+            "accuracy": float(fit.history["accuracy"][-1]),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+        }
+        if trigger is not None:
+            record["attack_success_rate"] = rate(model, trigger)
+        result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if (val_accuracy, -val_loss) > (best_accuracy, -best_loss):
+            best_accuracy, best_loss = val_accuracy, val_loss
+            best_weights = model.get_weights()
+            result.best_epoch = epoch
+            since_best = 0
+        else:
+            since_best += 1
+            if since_best >= settings.patience:
+                break
+    model.set_weights(best_weights)
+    return result

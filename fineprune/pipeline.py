@@ -1,0 +1,393 @@
+"""The whole defense, stage by stage: load, profile and sweep, cut, fine-tune, report.
+
+The CLI, the Celery worker and the tests all call `sanitize`. It reports progress through a
+callback and checks for cancellation between stages; it knows nothing of HTTP or queues.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from fineprune.channels import ChannelPath, count_parameters, trace_channels
+from fineprune.data import (
+    LabelledData,
+    ModelSignature,
+    load_clean,
+    load_labelled,
+    load_trigger,
+    stratified_split,
+)
+from fineprune.errors import CancelledError, InvalidModelError
+from fineprune.evaluation import output_kind, predict, rate
+from fineprune.finetune import FineTuneSettings, fine_tune
+from fineprune.graph import ModelGraph
+from fineprune.loading import load_untrusted_model, save_model, sha256_file
+from fineprune.rendering import write_report_files
+from fineprune.surgery import CutResult, cut
+from fineprune.sweep import ChannelSweeper, masked_predict
+from schemas.options import SanitizeOptions
+from schemas.report import (
+    CurvePoint,
+    DataFile,
+    EpochRecord,
+    FineTuneReport,
+    Measurement,
+    ModelFile,
+    PruneDecision,
+    SanitizeReport,
+    SplitSizes,
+    StageMetrics,
+    SurgeryReport,
+)
+
+STAGES = ("load", "profile", "cut", "fine-tune", "report")
+Progress = Callable[[str, float], None]
+SURGERY_TOLERANCE = 1e-4
+
+
+@dataclass
+class Inputs:
+    model_path: Path
+    data_path: Path
+    trigger_path: Path | None = None
+    test_path: Path | None = None
+
+
+@dataclass
+class Splits:
+    tune: LabelledData
+    train: LabelledData  # tune minus validation: what fine-tuning trains on
+    validation: LabelledData
+    evaluation: LabelledData
+    evaluation_name: str
+    trigger: LabelledData | None
+
+
+@dataclass
+class _Run:
+    progress: Progress
+    should_cancel: Callable[[], bool]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[Callable[[float], None]]:
+        if self.should_cancel():
+            raise CancelledError(f"cancelled before stage {name!r}")
+        started = time.perf_counter()
+        self.progress(name, 0.0)
+        yield lambda fraction: self.progress(name, fraction)
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        self.progress(name, 1.0)
+
+
+def sanitize(
+    inputs: Inputs,
+    out_dir: Path,
+    options: SanitizeOptions,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> SanitizeReport:
+    """Sanitize one model; write `sanitized.keras` and the report files into `out_dir`."""
+    run = _Run(progress or (lambda stage, fraction: None), should_cancel or (lambda: False))
+    keras.utils.set_random_seed(options.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+
+    with run.stage("load"):
+        model, info = load_untrusted_model(inputs.model_path)
+        signature = _signature(model)
+        splits = _load_splits(inputs, signature, options, warnings)
+
+    with run.stage("profile") as report_progress:
+        x_all, rows = _stack(splits)
+        baseline_outputs = predict(model, splits.evaluation.x[:256])
+        kind = output_kind(baseline_outputs)
+        path: ChannelPath | None = None
+        profile = None
+        if options.prunes:
+            path = trace_channels(ModelGraph(model), options.layer)
+            sweeper = ChannelSweeper(path)
+            profile, sweep = sweeper.profile_and_sweep(x_all, rows["tune"], report_progress)
+            curve = _curve(sweep, rows, splits, path.channels)
+            decision = _decide(curve, path, options)
+            pruned_channels = np.sort(sweep.order[: decision.pruned])
+        else:
+            curve, pruned_channels = [], np.array([], dtype=np.int64)
+            decision = PruneDecision(rule="none", pruned=0, reason="defense is fine-tuning alone")
+        baseline = _metrics(model, splits)
+
+    with run.stage("cut"):
+        if path is not None:
+            result = cut(model, path, pruned_channels)
+            _check_surgery(path, result, splits.evaluation.x[:64], pruned_channels, warnings)
+        else:
+            result = CutResult(model, "none", "defense is fine-tuning alone", [], [])
+        pruned_model = result.model
+        pruned_metrics = _metrics(pruned_model, splits)
+
+    with run.stage("fine-tune") as report_progress:
+        tuning = None
+        if options.fine_tunes:
+            settings = FineTuneSettings(
+                epochs=options.epochs,
+                learning_rate=options.learning_rate,
+                batch_size=options.batch_size,
+                augment=options.augment,
+                patience=options.patience,
+                seed=options.seed,
+            )
+            tuning = fine_tune(
+                pruned_model,
+                splits.train,
+                splits.validation,
+                settings,
+                kind,
+                zero_masks=result.zeroed_weights,
+                trigger=splits.trigger,
+                on_epoch=lambda record: report_progress(record["epoch"] / options.epochs),
+                should_stop=run.should_cancel,
+            )
+            if run.should_cancel():
+                raise CancelledError("cancelled during fine-tuning")
+        final_metrics = _metrics(pruned_model, splits)
+
+    with run.stage("report"):
+        model_out = out_dir / "sanitized.keras"
+        save_model(pruned_model, model_out)
+        report = SanitizeReport(
+            created_at=datetime.now(UTC),
+            input_model=ModelFile(
+                sha256=sha256_file(inputs.model_path),
+                format=info.format,
+                bytes=inputs.model_path.stat().st_size,
+                parameters=count_parameters(model),
+            ),
+            output_model=ModelFile(
+                sha256=sha256_file(model_out),
+                format="keras",
+                bytes=model_out.stat().st_size,
+                parameters=count_parameters(pruned_model),
+            ),
+            data=_data_files(inputs, splits),
+            options=options,
+            splits=SplitSizes(
+                tune=len(splits.tune),
+                validation=len(splits.validation),
+                evaluation=len(splits.evaluation),
+                evaluation_split=splits.evaluation_name,
+                trigger=len(splits.trigger) if splits.trigger is not None else 0,
+            ),
+            surgery=_surgery_report(path, result, pruned_channels, profile, rows)
+            if path is not None
+            else None,
+            curve=curve,
+            decision=decision,
+            baseline=baseline,
+            pruned=pruned_metrics,
+            fine_pruned=final_metrics,
+            fine_tuning=_tuning_report(tuning),
+            timings=run.timings,
+            versions=_versions(),
+            seed=options.seed,
+            warnings=warnings,
+        )
+        write_report_files(report, out_dir)
+    report.timings.update(run.timings)
+    (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
+    return report
+
+
+def _signature(model: keras.Model) -> ModelSignature:
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InvalidModelError(
+            f"model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+            "fineprune sanitizes classifiers with one input and one output"
+        )
+    shape = tuple(None if d is None else int(d) for d in model.inputs[0].shape[1:])
+    classes = int(model.outputs[0].shape[-1])
+    if len(model.outputs[0].shape) != 2:
+        raise InvalidModelError(
+            f"model output has shape {tuple(model.outputs[0].shape)}; expected (batch, classes)"
+        )
+    return ModelSignature(shape, classes)
+
+
+def _load_splits(
+    inputs: Inputs, signature: ModelSignature, options: SanitizeOptions, warnings: list[str]
+) -> Splits:
+    clean = load_clean(inputs.data_path, signature, options.rescale)
+    if clean.x.max() > 2.0 and options.rescale is None:
+        warnings.append(
+            f"clean inputs reach {clean.x.max():.0f}; if the model was trained on 0..1 images, "
+            "pass rescale=1/255"
+        )
+    if inputs.test_path is not None:
+        tune, evaluation, name = (
+            clean,
+            load_labelled(inputs.test_path, signature, "test", options.rescale),
+            "test",
+        )
+    else:
+        kept, held = stratified_split(clean.y, options.holdout_fraction, options.seed)
+        tune, evaluation, name = clean.take(kept), clean.take(held), "holdout"
+    train_rows, val_rows = stratified_split(tune.y, options.validation_fraction, options.seed + 1)
+    trigger = None
+    if inputs.trigger_path is not None:
+        trigger = load_trigger(inputs.trigger_path, signature, options.rescale)
+    return Splits(
+        tune=tune,
+        train=tune.take(train_rows),
+        validation=tune.take(val_rows),
+        evaluation=evaluation,
+        evaluation_name=name,
+        trigger=trigger,
+    )
+
+
+def _stack(splits: Splits) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """All samples the sweep evaluates, in one array, and where each split sits in it."""
+    parts = [splits.tune.x, splits.evaluation.x]
+    if splits.trigger is not None:
+        parts.append(splits.trigger.x)
+    bounds = np.cumsum([0, *[len(p) for p in parts]])
+    names = ["tune", "evaluation", "trigger"][: len(parts)]
+    rows = {n: np.arange(bounds[i], bounds[i + 1]) for i, n in enumerate(names)}
+    return np.concatenate(parts), rows
+
+
+def _curve(sweep, rows: dict[str, np.ndarray], splits: Splits, channels: int) -> list[CurvePoint]:
+    tune = sweep.accuracy(rows["tune"], splits.tune.y)
+    evaluation = sweep.accuracy(rows["evaluation"], splits.evaluation.y)
+    asr = sweep.accuracy(rows["trigger"], splits.trigger.y) if splits.trigger else None
+    return [
+        CurvePoint(
+            pruned=k,
+            fraction=k / channels,
+            tune_accuracy=float(tune[k]),
+            evaluation_accuracy=float(evaluation[k]),
+            attack_success_rate=None if asr is None else float(asr[k]),
+        )
+        for k in range(channels + 1)
+    ]
+
+
+def _decide(curve: list[CurvePoint], path: ChannelPath, options: SanitizeOptions) -> PruneDecision:
+    limit = path.channels - 1 if path.removable else path.channels
+    if options.prune_fraction is not None:
+        k = min(round(options.prune_fraction * path.channels), limit)
+        return PruneDecision(
+            rule="prune_fraction",
+            pruned=k,
+            reason=f"prune_fraction {options.prune_fraction:g} of {path.channels} channels "
+            f"gives k = {k}",
+        )
+    base = curve[0].tune_accuracy
+    floor = base - options.max_accuracy_drop / 100.0
+    within = [p.pruned for p in curve if p.tune_accuracy >= floor - 1e-12 and p.pruned <= limit]
+    k = max(within)
+    return PruneDecision(
+        rule="max_accuracy_drop",
+        pruned=k,
+        reason=f"largest k whose tune accuracy ({curve[k].tune_accuracy:.2%}) stays within "
+        f"{options.max_accuracy_drop:g} points of the unpruned {base:.2%}",
+    )
+
+
+def _metrics(model: keras.Model, splits: Splits) -> StageMetrics:
+    asr = None
+    if splits.trigger is not None:
+        asr = Measurement(
+            value=rate(model, splits.trigger), split="trigger", samples=len(splits.trigger)
+        )
+    return StageMetrics(
+        clean_accuracy=Measurement(
+            value=rate(model, splits.evaluation),
+            split=splits.evaluation_name,
+            samples=len(splits.evaluation),
+        ),
+        attack_success_rate=asr,
+    )
+
+
+def _check_surgery(
+    path: ChannelPath,
+    result: CutResult,
+    x: np.ndarray,
+    pruned: np.ndarray,
+    warnings: list[str],
+) -> None:
+    """The cut model must compute what the curve measured: the masked original."""
+    expected = masked_predict(path, x, pruned)
+    got = predict(result.model, x)
+    gap = float(np.max(np.abs(expected - got))) if len(x) else 0.0
+    if gap > SURGERY_TOLERANCE:
+        warnings.append(
+            f"cut model differs from the masked model by up to {gap:.2e} on held-out inputs"
+        )
+
+
+def _surgery_report(
+    path: ChannelPath, result: CutResult, pruned: np.ndarray, profile, rows
+) -> SurgeryReport:
+    removed = result.mode == "removed"
+    return SurgeryReport(
+        layer=path.layer.name,
+        channels_before=path.channels,
+        channels_after=path.channels - len(pruned) if removed else path.channels,
+        removed_channels=[int(c) for c in pruned],
+        mode=result.mode,
+        mode_reason=result.reason,
+        adjusted_layers=result.adjusted_layers,
+        mean_activations=[float(v) for v in profile.mean_over(rows["tune"])],
+        profiled_at=path.profile_layer,
+    )
+
+
+def _tuning_report(tuning) -> FineTuneReport | None:
+    if tuning is None:
+        return None
+    return FineTuneReport(
+        epochs_run=len(tuning.history),
+        best_epoch=tuning.best_epoch,
+        history=[EpochRecord(**r) for r in tuning.history],
+    )
+
+
+def _data_files(inputs: Inputs, splits: Splits) -> list[DataFile]:
+    clean_samples = len(splits.tune) + (0 if inputs.test_path else len(splits.evaluation))
+    files = [DataFile(sha256=sha256_file(inputs.data_path), samples=clean_samples, role="clean")]
+    if inputs.test_path is not None:
+        files.append(
+            DataFile(
+                sha256=sha256_file(inputs.test_path), samples=len(splits.evaluation), role="test"
+            )
+        )
+    if inputs.trigger_path is not None and splits.trigger is not None:
+        files.append(
+            DataFile(
+                sha256=sha256_file(inputs.trigger_path),
+                samples=len(splits.trigger),
+                role="trigger",
+            )
+        )
+    return files
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("fineprune", "keras", "tensorflow", "numpy", "h5py"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions

@@ -1,0 +1,84 @@
+"""The sanitize options: one contract for the CLI, the API and the workers."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Defense = Literal["fine-pruning", "pruning", "fine-tuning"]
+
+
+class SanitizeOptions(BaseModel):
+    """How to sanitize one model. Defaults are the product's recommended settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    defense: Defense = Field(
+        "fine-pruning",
+        description="fine-pruning (prune, then fine-tune), pruning alone, or fine-tuning alone.",
+    )
+    layer: str | None = Field(
+        None,
+        description="Name of the layer whose channels are pruned; default: the last convolution.",
+        examples=["conv2d_2"],
+    )
+    max_accuracy_drop: float = Field(
+        4.0,
+        ge=0.0,
+        le=100.0,
+        description="Prune the most channels whose clean accuracy stays within this many "
+        "percentage points of the unpruned model (the paper used 4).",
+    )
+    prune_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Prune exactly this fraction of the layer's channels instead of using "
+        "the accuracy rule.",
+    )
+    rescale: float | None = Field(
+        None,
+        gt=0.0,
+        description="Multiply every input by this factor before use (1/255 for uint8 images).",
+        examples=[0.00392156862745098],
+    )
+    holdout_fraction: float = Field(
+        0.25,
+        gt=0.0,
+        lt=0.9,
+        description="Share of the clean data held out, stratified, to report accuracy on; "
+        "ignored when separate test data is given.",
+    )
+    validation_fraction: float = Field(
+        0.15,
+        gt=0.0,
+        lt=0.5,
+        description="Share of the tuning data kept aside to pick the best fine-tuning epoch.",
+    )
+    epochs: int = Field(20, ge=0, le=1000, description="Fine-tuning epochs (at most).")
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Fine-tuning learning rate.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
+    augment: bool = Field(
+        True,
+        description="Random small shifts, zooms and contrast changes while fine-tuning "
+        "(image inputs only).",
+    )
+    patience: int = Field(
+        5, ge=1, le=1000, description="Stop fine-tuning after this many epochs without progress."
+    )
+    seed: int = Field(0, ge=0, description="Seed for the data split, shuffling and augmentation.")
+
+    @model_validator(mode="after")
+    def _defense_needs(self) -> SanitizeOptions:
+        if self.defense == "fine-tuning" and self.prune_fraction not in (None, 0.0):
+            raise ValueError("prune_fraction makes no sense with defense 'fine-tuning'")
+        return self
+
+    @property
+    def prunes(self) -> bool:
+        return self.defense in ("fine-pruning", "pruning")
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.defense in ("fine-pruning", "fine-tuning") and self.epochs > 0

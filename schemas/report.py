@@ -1,0 +1,115 @@
+"""The sanitize report: what was done to a model and what it cost, versioned for machines."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.options import SanitizeOptions
+
+REPORT_SCHEMA_VERSION = "1"
+
+SplitName = Literal["tune", "validation", "holdout", "test", "trigger"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Measurement(_Strict):
+    """A rate measured on a named split, so nobody mistakes tuning accuracy for test accuracy."""
+
+    value: float = Field(description="Fraction in [0, 1].")
+    split: SplitName
+    samples: int
+
+
+class StageMetrics(_Strict):
+    clean_accuracy: Measurement
+    attack_success_rate: Measurement | None = None
+
+
+class ModelFile(_Strict):
+    sha256: str
+    format: Literal["keras", "h5"]
+    bytes: int
+    parameters: int
+
+
+class DataFile(_Strict):
+    sha256: str
+    samples: int
+    role: Literal["clean", "test", "trigger"]
+
+
+class SplitSizes(_Strict):
+    tune: int = Field(description="Used to profile, choose k and fine-tune.")
+    validation: int = Field(description="Carved from tune, used only to pick the epoch.")
+    evaluation: int = Field(description="Never trained on; every reported accuracy comes from it.")
+    evaluation_split: Literal["holdout", "test"]
+    trigger: int = 0
+
+
+class CurvePoint(_Strict):
+    pruned: int = Field(description="Channels pruned (k).")
+    fraction: float
+    tune_accuracy: float
+    evaluation_accuracy: float
+    attack_success_rate: float | None = None
+
+
+class PruneDecision(_Strict):
+    rule: Literal["max_accuracy_drop", "prune_fraction", "none"]
+    pruned: int
+    reason: str
+
+
+class SurgeryReport(_Strict):
+    layer: str
+    channels_before: int
+    channels_after: int
+    removed_channels: list[int] = Field(description="Indices in the original layer.")
+    mode: Literal["removed", "zeroed", "none"]
+    mode_reason: str
+    adjusted_layers: list[str]
+    mean_activations: list[float] = Field(description="Per channel, on the tune split.")
+    profiled_at: str = Field(description="Layer whose output was profiled.")
+
+
+class EpochRecord(_Strict):
+    epoch: int
+    loss: float
+    accuracy: float
+    val_loss: float
+    val_accuracy: float
+    attack_success_rate: float | None = None
+
+
+class FineTuneReport(_Strict):
+    epochs_run: int
+    best_epoch: int = Field(description="0 means the pruned model itself was kept.")
+    history: list[EpochRecord]
+    selected_on: Literal["validation"] = "validation"
+
+
+class SanitizeReport(_Strict):
+    schema_version: Literal["1"] = REPORT_SCHEMA_VERSION
+    created_at: datetime
+    input_model: ModelFile
+    output_model: ModelFile
+    data: list[DataFile]
+    options: SanitizeOptions
+    splits: SplitSizes
+    surgery: SurgeryReport | None
+    curve: list[CurvePoint]
+    decision: PruneDecision
+    baseline: StageMetrics
+    pruned: StageMetrics
+    fine_pruned: StageMetrics
+    fine_tuning: FineTuneReport | None
+    timings: dict[str, float] = Field(description="Seconds per stage.")
+    versions: dict[str, str]
+    seed: int
+    warnings: list[str] = []

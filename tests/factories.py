@@ -1,0 +1,168 @@
+"""Tiny models and synthetic data for the tests: seconds on two CPU cores.
+
+Images are 16x16x3 textures whose orientation gives the class; the backdoor trigger is a bright
+3x3 patch in the bottom-right corner, relabelled to class 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+
+SIZE = 16
+CLASSES = 4
+
+
+def textures(n: int, seed: int, classes: int = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy stripes: class 0 horizontal, 1 vertical, 2 and 3 the two diagonals."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    rows, cols = np.mgrid[0:SIZE, 0:SIZE]
+    phase = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+    period = rng.uniform(3.0, 5.0, n)[:, None, None]
+    coords = np.stack([rows, cols, rows + cols, rows - cols])[y % 4]
+    wave = 0.5 + 0.35 * np.sin(2 * np.pi * coords / period + phase)
+    tint = rng.uniform(0.6, 1.0, (n, 1, 1, 3))
+    x = wave[..., None] * tint + rng.normal(0, 0.08, (n, SIZE, SIZE, 3))
+    return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
+
+
+def stamp(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    out[:, -4:-1, -4:-1, :] = np.array([1.0, 1.0, 0.0], dtype=np.float32)
+    return out
+
+
+def poisoned(n: int, seed: int, rate: float = 0.15, target: int = 0):
+    x, y = textures(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    chosen = rng.random(n) < rate
+    x[chosen] = stamp(x[chosen])
+    y = np.where(chosen, target, y)
+    return x, y
+
+
+def trigger_set(n: int, seed: int, target: int = 0):
+    x, y = textures(n, seed)
+    keep = y != target
+    return stamp(x[keep]), np.full(int(keep.sum()), target)
+
+
+# -- architectures -------------------------------------------------------------------------
+
+
+def sequential_bn_flatten(seed: int = 0) -> keras.Model:
+    """Conv -> BN -> pool -> dropout -> Flatten -> Dense: the seed CNN's shape, shrunk."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((SIZE, SIZE, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1"),
+            keras.layers.BatchNormalization(name="bn1"),
+            keras.layers.MaxPooling2D(name="pool1"),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2"),
+            keras.layers.BatchNormalization(name="bn2"),
+            keras.layers.MaxPooling2D(name="pool2"),
+            keras.layers.Dropout(0.2, name="drop"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(16, activation="relu", name="dense1"),
+            keras.layers.Dense(CLASSES, activation="softmax", name="out"),
+        ],
+        name="seq_bn_flatten",
+    )
+
+
+def functional_global_pool(seed: int = 0) -> keras.Model:
+    """The pruned conv's pooled output feeds both a Dense head and another convolution."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.Conv2D(12, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    pooled = keras.layers.MaxPooling2D(name="pool2")(x)
+    branch = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="conv3")(pooled)
+    a = keras.layers.GlobalAveragePooling2D(name="gap_a")(pooled)
+    b = keras.layers.GlobalMaxPooling2D(name="gmp_b")(branch)
+    flat = keras.layers.Flatten(name="flat")(pooled)
+    merged = keras.layers.Concatenate(name="concat")([a, b])
+    h = keras.layers.Dense(10, activation="relu", name="dense_gap")(merged)
+    h2 = keras.layers.Dense(10, activation="relu", name="dense_flat")(flat)
+    out = keras.layers.Dense(CLASSES, name="logits")(keras.layers.Add(name="sum")([h, h2]))
+    return keras.Model(inputs, out, name="functional_gap")
+
+
+def residual_block(seed: int = 0) -> keras.Model:
+    """The pruned conv feeds an Add shared with a shortcut: channels get zeroed, not removed."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((SIZE, SIZE, 3))
+    stem = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="res_conv")(stem)
+    x = keras.layers.BatchNormalization(name="res_bn")(x)
+    x = keras.layers.ReLU(name="res_relu")(x)
+    x = keras.layers.Add(name="res_add")([x, stem])
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(CLASSES, activation="softmax", name="out")(x)
+    return keras.Model(inputs, out, name="residual")
+
+
+def separate_activation(seed: int = 0) -> keras.Model:
+    """Conv with no activation, then BatchNorm, then a separate Activation layer."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((SIZE, SIZE, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", name="conv1", activation="relu"),
+            keras.layers.MaxPooling2D(name="pool1"),
+            keras.layers.Conv2D(12, 3, padding="same", name="conv2"),
+            keras.layers.BatchNormalization(name="bn2"),
+            keras.layers.Activation("relu", name="act2"),
+            keras.layers.AveragePooling2D(2, name="pool2"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(CLASSES, activation="softmax", name="out"),
+        ],
+        name="separate_activation",
+    )
+
+
+ARCHITECTURES = {
+    "sequential_bn_flatten": sequential_bn_flatten,
+    "functional_global_pool": functional_global_pool,
+    "residual_block": residual_block,
+    "separate_activation": separate_activation,
+}
+
+
+def randomize_batchnorm(model: keras.Model, seed: int = 0) -> None:
+    """Give BatchNorm layers non-trivial statistics so masking before/after them differs."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape).astype(np.float32),
+                    rng.normal(0, 0.3, beta.shape).astype(np.float32),
+                    rng.normal(0, 0.3, mean.shape).astype(np.float32),
+                    rng.uniform(0.5, 2.0, var.shape).astype(np.float32),
+                ]
+            )
+
+
+def train_backdoored(seed: int = 0, epochs: int = 12) -> keras.Model:
+    """A small CNN trained on 15 % poisoned textures: accurate, and backdoored."""
+    model = sequential_bn_flatten(seed)
+    x, y = poisoned(3000, seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0)
+    return model
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
