@@ -133,6 +133,8 @@ class ChannelPath:
     profile_layer: str
     zero_safe: bool
     barriers: list[str] = field(default_factory=list)
+    # Chain tensors computable before any mixer runs (not merged with a mixer's output).
+    clean_keys: set[TensorKey] = field(default_factory=set)
 
     @property
     def removable(self) -> bool:
@@ -186,6 +188,8 @@ def trace_channels(graph: ModelGraph, layer_name: str | None) -> ChannelPath:
     feature_maps: dict[TensorKey, np.ndarray] = {out_key: np.arange(channels)}
     # zero_ok[t]: with the channel's weights zeroed, is the channel exactly 0 in tensor t?
     zero_ok: dict[TensorKey, bool] = {out_key: activation_name(layer) in ZERO_PRESERVING}
+    clean: set[TensorKey] = {out_key}
+    tainted: set[TensorKey] = set()  # depends on the pruned layer through a mixer
     chain: list[GraphNode] = []
     mixers: list[Mixer] = []
     barriers: list[str] = []
@@ -198,6 +202,8 @@ def trace_channels(graph: ModelGraph, layer_name: str | None) -> ChannelPath:
     for gnode in graph.nodes[start + 1 :]:
         tracked = [k for k in gnode.input_keys() if k in feature_maps]
         if not tracked:
+            if any(k in tainted for k in gnode.input_keys()):
+                tainted.update(gnode.output_keys())
             continue
         kind = class_name(gnode.layer)
         in_key = tracked[0]
@@ -207,12 +213,16 @@ def trace_channels(graph: ModelGraph, layer_name: str | None) -> ChannelPath:
             out = id(gnode.outputs[0])
             feature_maps[out] = np.concatenate(parts)
             zero_ok[out] = all(zero_ok.get(k, True) for k in tracked)
+            if all(k in clean for k in tracked) and not tainted & set(gnode.input_keys()):
+                clean.add(out)
             chain.append(gnode)
             continue
         if len(gnode.inputs) == 1 and _is_per_channel(gnode.layer, gnode.inputs[0]):
             out = id(gnode.outputs[0])
             feature_maps[out] = fmap
             zero_ok[out] = _zero_after(gnode.layer, zero_ok[in_key])
+            if in_key in clean:
+                clean.add(out)
             chain.append(gnode)
             if (
                 profile_candidate
@@ -226,10 +236,13 @@ def trace_channels(graph: ModelGraph, layer_name: str | None) -> ChannelPath:
             out = id(gnode.outputs[0])
             feature_maps[out] = np.tile(fmap, spatial)
             zero_ok[out] = zero_ok[in_key]
+            if in_key in clean:
+                clean.add(out)
             chain.append(gnode)
             continue
         if not zero_ok[in_key]:
             zero_safe = False
+        tainted.update(gnode.output_keys())
         if kind == "Dense" or (
             kind in CONVOLUTIONS
             and getattr(gnode.layer, "groups", 1) == 1
@@ -254,6 +267,7 @@ def trace_channels(graph: ModelGraph, layer_name: str | None) -> ChannelPath:
         profile_layer=profile_layer,
         zero_safe=zero_safe,
         barriers=barriers,
+        clean_keys=clean,
     )
 
 

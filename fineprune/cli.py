@@ -7,8 +7,10 @@ TensorFlow's start-up noise is silenced before it can print.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated
@@ -39,8 +41,12 @@ def _default(name: str):
 
 
 def _quiet_tensorflow() -> None:
+    """Keep TensorFlow's start-up chatter and retracing notices off the user's terminal."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="keras")
 
 
 def _parse_rescale(value: str | None) -> float | None:

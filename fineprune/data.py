@@ -111,7 +111,8 @@ def prepare_inputs(
         raise InvalidDataError(f"{role} x holds no samples")
     values = x.astype(np.float32)
     if rescale is not None:
-        values *= np.float32(rescale)
+        with np.errstate(over="ignore"):
+            values *= np.float32(rescale)
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values)).reshape(len(values), -1).any(axis=1).sum())
         raise InvalidDataError(f"{role} x has NaN or infinite values in {bad} sample(s)")

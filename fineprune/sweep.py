@@ -68,26 +68,31 @@ class ChannelSweeper:
         self.graph = path.graph
         self.batch_size = batch_size
         self.input_key = id(self.graph.inputs[0])
-        chain_keys = set(path.feature_maps)
-        downstream = self._downstream_nodes()
+        early = [m for m in path.mixers if m.input_key in path.clean_keys]
+        # Mixers whose input merges with another mixer's output are re-run in the tail and
+        # masked there; the others start from values the prefix computed once.
+        self.late = [m for m in path.mixers if m.input_key not in path.clean_keys]
+        self.linear = [m for m in early if m.linear]
+        self.other = [m for m in early if not m.linear]
+        self.masked_keys: list[TensorKey] = sorted({m.input_key for m in self.other})
+        self.mixer_input_keys: list[TensorKey] = sorted({m.input_key for m in early})
+        downstream = self._downstream_nodes(early)
         produced = {k for n in downstream for k in n.output_keys()}
+        linear_nodes = {id(m.node) for m in self.linear}
         self.outside_keys: list[TensorKey] = sorted(
             {
                 k
                 for n in downstream
+                if id(n) not in linear_nodes
                 for k in n.input_keys()
-                if k not in produced and k not in chain_keys
+                if k not in produced and k not in self.masked_keys
             }
         )
-        self.linear = [m for m in path.mixers if m.linear]
-        self.other = [m for m in path.mixers if not m.linear]
-        self.masked_keys: list[TensorKey] = sorted({m.input_key for m in self.other})
-        self.mixer_input_keys: list[TensorKey] = sorted({m.input_key for m in path.mixers})
         self._tensor = {id(t): t for n in self.graph.nodes for t in (*n.inputs, *n.outputs)}
         self._tensor.update({id(t): t for t in self.graph.inputs})
 
-    def _downstream_nodes(self) -> list[Any]:
-        mixer_nodes = {id(m.node) for m in self.path.mixers}
+    def _downstream_nodes(self, mixers: list[Mixer]) -> list[Any]:
+        mixer_nodes = {id(m.node) for m in mixers}
         tainted: set[TensorKey] = set()
         found = []
         for gnode in self.graph.nodes:
@@ -99,7 +104,7 @@ class ChannelSweeper:
     # -- prefix: everything up to the mixers, once -------------------------------------------
 
     def _prefix(self, x: np.ndarray) -> tuple[np.ndarray, dict[TensorKey, np.ndarray]]:
-        keys = [self.path.profile_key, *self.mixer_input_keys, *self.outside_keys]
+        keys = [self.path.profile_key, *sorted({*self.mixer_input_keys, *self.outside_keys})]
         wanted = [self._tensor[k] for k in keys]
         values = self.graph.run({self.input_key: x}, wanted)
         profile = np.asarray(values[0], dtype=np.float64)
@@ -175,7 +180,7 @@ class ChannelSweeper:
                     else:
                         base = self._contribution(m, arrays[m.input_key], others)
                     pre[id(m.node)] = base + self._bias(m)
-            out[k] = self._tail(pre, masked, outside)
+            out[k] = self._tail(pre, masked, outside, order[:k])
         return out
 
     def _tail(
@@ -183,12 +188,14 @@ class ChannelSweeper:
         pre: dict[int, np.ndarray],
         masked: dict[TensorKey, np.ndarray],
         outside: dict[TensorKey, np.ndarray],
+        pruned: np.ndarray,
     ) -> np.ndarray:
         feed: dict[TensorKey, Any] = {**outside, **masked}
         for m in self.linear:
             activation = m.node.layer.activation
             feed[id(m.node.outputs[0])] = activation(pre[id(m.node)].astype(np.float32))
-        (outputs,) = self.graph.run(feed, self.graph.outputs[:1])
+        transform = masking_transform(self.path, pruned, self.late) if self.late else None
+        (outputs,) = self.graph.run(feed, self.graph.outputs[:1], transform)
         return predicted_classes(keras.ops.convert_to_numpy(outputs))
 
     def _bias(self, mixer: Mixer) -> np.ndarray:
@@ -236,10 +243,10 @@ def naive_sweep(path: ChannelPath, x: np.ndarray, order: np.ndarray, batch_size:
     return Sweep(order=order, predictions=predictions)
 
 
-def masking_transform(path: ChannelPath, pruned: np.ndarray):
+def masking_transform(path: ChannelPath, pruned: np.ndarray, mixers: list[Mixer] | None = None):
     """A graph transform that zeroes the pruned channels where they enter each mixer."""
     by_node: dict[int, list[Mixer]] = {}
-    for m in path.mixers:
+    for m in path.mixers if mixers is None else mixers:
         by_node.setdefault(id(m.node), []).append(m)
 
     def transform(gnode: Any, values: list[Any]) -> list[Any]:

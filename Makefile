@@ -1,0 +1,32 @@
+# The two commands of the contract: `make run` and `make test`. Everything else supports them.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test lint format bench run clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with the project and its `fineprune` command
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: install lint  ## install, lint, and run the whole test suite
+	$(BIN)/python -m pytest -q
+
+bench: install  ## time the fast sweep against the naive one on the seed CNN
+	$(BIN)/python -m bench.sweep_bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

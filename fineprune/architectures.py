@@ -1,0 +1,67 @@
+"""Reference architectures: the study's seed CNN and a small residual network.
+
+Used by the benchmark, the study's reproduction and the experiments behind the defaults; the
+service itself sanitizes whatever architecture it is given.
+"""
+
+from __future__ import annotations
+
+import keras
+
+
+def seed_cnn(classes: int = 9, input_shape: tuple[int, int, int] = (32, 32, 3)) -> keras.Model:
+    """The study's traffic-sign CNN, layer for layer (4,461,001 parameters with 9 classes)."""
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            layers.Conv2D(32, 5, padding="same", activation="relu", name="conv2d_1"),
+            layers.BatchNormalization(name="batch_normalization_1"),
+            layers.MaxPooling2D(name="max_pooling2d_1"),
+            layers.Dropout(0.25, name="dropout_1"),
+            layers.Conv2D(64, 5, padding="same", activation="relu", name="conv2d_2"),
+            layers.BatchNormalization(name="batch_normalization_2"),
+            layers.Conv2D(128, 5, padding="same", activation="relu", name="conv2d_3"),
+            layers.BatchNormalization(name="batch_normalization_3"),
+            layers.MaxPooling2D(name="max_pooling2d_2"),
+            layers.Dropout(0.25, name="dropout_2"),
+            layers.Flatten(name="flatten_1"),
+            layers.Dense(512, activation="relu", name="dense_1"),
+            layers.BatchNormalization(name="batch_normalization_4"),
+            layers.Dropout(0.5, name="dropout_3"),
+            layers.Dense(classes, activation="softmax", name="dense_2"),
+        ],
+        name="seed_cnn",
+    )
+
+
+def small_resnet(
+    classes: int = 9, input_shape: tuple[int, int, int] = (32, 32, 3), width: int = 32
+) -> keras.Model:
+    """Two residual stages with global pooling: a second, structurally different victim."""
+    layers = keras.layers
+    inputs = keras.Input(input_shape)
+    x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for stage, filters in enumerate((width, 2 * width), start=1):
+        stride = 1 if stage == 1 else 2
+        shortcut = x
+        y = layers.Conv2D(
+            filters, 3, strides=stride, padding="same", use_bias=False, name=f"s{stage}_conv1"
+        )(x)
+        y = layers.BatchNormalization(name=f"s{stage}_bn1")(y)
+        y = layers.ReLU(name=f"s{stage}_relu1")(y)
+        y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"s{stage}_conv2")(y)
+        y = layers.BatchNormalization(name=f"s{stage}_bn2")(y)
+        if stride != 1 or shortcut.shape[-1] != filters:
+            shortcut = layers.Conv2D(
+                filters, 1, strides=stride, use_bias=False, name=f"s{stage}_proj"
+            )(shortcut)
+            shortcut = layers.BatchNormalization(name=f"s{stage}_proj_bn")(shortcut)
+        x = layers.Add(name=f"s{stage}_add")([y, shortcut])
+        x = layers.ReLU(name=f"s{stage}_out")(x)
+    x = layers.Conv2D(4 * width, 3, padding="same", activation="relu", name="head_conv")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(classes, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="small_resnet")

@@ -1,0 +1,192 @@
+"""The whole defense on a tiny backdoored model, through the engine and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from factories import save_npz, textures, train_backdoored, trigger_set
+
+from fineprune.pipeline import Inputs, sanitize
+from schemas.options import SanitizeOptions
+from schemas.report import SanitizeReport
+
+FINEPRUNE = [sys.executable, "-m", "fineprune.cli"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("backdoored")
+    model = train_backdoored(seed=0)
+    model.save(root / "model.keras")
+    model.save(root / "model.h5")
+    x, y = textures(600, seed=100)
+    xt, yt = trigger_set(300, seed=200)
+    xi, yi = textures(800, seed=300)  # a second, independent clean source
+    return {
+        "keras": root / "model.keras",
+        "h5": root / "model.h5",
+        "clean": save_npz(root / "clean.npz", x=x, y=y),
+        "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
+        "independent": save_npz(root / "independent.npz", x=xi, y=yi),
+        "bad_shape": save_npz(root / "bad.npz", x=x[:, :8], y=y),
+    }
+
+
+def _accuracy(model: keras.Model, path: Path, key: str = "y") -> float:
+    with np.load(path) as data:
+        return float((model.predict(data["x"], verbose=0).argmax(-1) == data[key]).mean())
+
+
+def test_fine_pruning_removes_the_backdoor_and_keeps_accuracy(files, tmp_path: Path):
+    out = tmp_path / "out"
+    stages: list[tuple[str, float]] = []
+    report = sanitize(
+        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        out,
+        SanitizeOptions(),
+        progress=lambda stage, fraction: stages.append((stage, fraction)),
+    )
+    assert report.baseline.attack_success_rate.value >= 0.9
+    assert report.fine_pruned.attack_success_rate.value <= 0.2
+    assert report.baseline.clean_accuracy.split == "holdout"
+    assert report.fine_pruned.clean_accuracy.value >= report.baseline.clean_accuracy.value - 0.04
+
+    # Judged again on clean data from another source that no stage ever saw.
+    original = keras.models.load_model(files["keras"], compile=False)
+    sanitized = keras.models.load_model(out / "sanitized.keras", compile=False)
+    before = _accuracy(original, files["independent"])
+    assert _accuracy(sanitized, files["independent"]) >= before - 0.04
+    assert _accuracy(sanitized, files["trigger"], "y_target") <= 0.2
+
+    surgery = report.surgery
+    assert surgery is not None and surgery.mode == "removed"
+    assert len(report.curve) == surgery.channels_before + 1
+    assert len(surgery.removed_channels) == report.decision.pruned > 0
+    assert surgery.channels_after == surgery.channels_before - report.decision.pruned
+    assert report.output_model.parameters < report.input_model.parameters
+    threshold = report.curve[0].tune_accuracy - 0.04
+    assert report.curve[report.decision.pruned].tune_accuracy >= threshold - 1e-9
+    assert all(p.tune_accuracy < threshold for p in report.curve[report.decision.pruned + 1 : -1])
+    assert report.splits.tune + report.splits.evaluation == 600
+    assert report.fine_tuning is not None and report.fine_tuning.epochs_run >= 1
+    assert set(report.timings) == {"load", "profile", "cut", "fine-tune", "report"}
+    finished = list(dict.fromkeys(s for s, f in stages if f == 1.0))
+    assert finished == ["load", "profile", "cut", "fine-tune", "report"]
+
+    for name in ("sanitized.keras", "report.json", "report.png", "report.html"):
+        assert (out / name).stat().st_size > 0
+    again = SanitizeReport.model_validate_json((out / "report.json").read_text())
+    assert again.output_model.sha256 == report.output_model.sha256
+    assert "Attack success" in (out / "report.html").read_text()
+
+
+def test_pruning_alone_and_fine_tuning_alone(files, tmp_path: Path):
+    pruned = sanitize(
+        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        tmp_path / "p",
+        SanitizeOptions(defense="pruning", prune_fraction=0.5),
+    )
+    assert pruned.fine_tuning is None and pruned.decision.rule == "prune_fraction"
+    assert pruned.decision.pruned == pruned.surgery.channels_before // 2
+    assert pruned.fine_pruned == pruned.pruned
+
+    tuned = sanitize(
+        Inputs(files["keras"], files["clean"], test_path=files["independent"]),
+        tmp_path / "t",
+        SanitizeOptions(defense="fine-tuning", epochs=2),
+    )
+    assert tuned.surgery is None and tuned.curve == []
+    assert tuned.output_model.parameters == tuned.input_model.parameters
+    assert tuned.splits.evaluation_split == "test" and tuned.splits.evaluation == 800
+    assert tuned.fine_pruned.clean_accuracy.split == "test"
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [*FINEPRUNE, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_cli_sanitizes_a_legacy_h5_model_and_prints_json(files, tmp_path: Path):
+    out = tmp_path / "cli"
+    done = _cli(
+        "sanitize",
+        files["h5"],
+        "--data",
+        files["clean"],
+        "--out",
+        out,
+        "--trigger-data",
+        files["trigger"],
+        "--epochs",
+        "3",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    report = SanitizeReport.model_validate_json(done.stdout)
+    assert report.input_model.format == "h5"
+    assert report.options.epochs == 3
+    reloaded = keras.models.load_model(out / "sanitized.keras")
+    assert reloaded.count_params() == report.output_model.parameters
+
+
+def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path):
+    disguised = tmp_path / "model.bin"
+    disguised.write_bytes(files["keras"].read_bytes())
+    done = _cli(
+        "sanitize",
+        disguised,
+        "--data",
+        files["clean"],
+        "--out",
+        tmp_path / "o",
+        "--defense",
+        "pruning",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["input_model"]["format"] == "keras"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--data", "{bad_shape}"], 1, "expects samples of shape (16, 16, 3)"),
+        (["--data", "{clean}", "--layer", "nope"], 1, "no layer named 'nope'"),
+        (["--data", "/nonexistent.npz"], 2, "does not exist"),
+        (["--data", "{clean}", "--max-accuracy-drop", "-1"], 2, "max_accuracy_drop"),
+        (["--data", "{clean}", "--rescale", "1/0"], 2, "1/0"),
+    ],
+)
+def test_cli_fails_with_one_clear_line(files, tmp_path: Path, args, code: int, message: str):
+    args = [a.format(**{k: str(v) for k, v in files.items()}) for a in args]
+    done = _cli("sanitize", files["keras"], *args, "--out", tmp_path / "x")
+    assert done.returncode == code
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert message in " ".join(lines[-3:])
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_help_explains_every_option():
+    done = _cli("sanitize", "--help")
+    assert done.returncode == 0
+    for option in (
+        "--max-accuracy-drop",
+        "--prune-fraction",
+        "--rescale",
+        "--trigger-data",
+        "--test-data",
+        "--layer",
+        "--epochs",
+        "--learning-rate",
+        "--json",
+    ):
+        assert option in done.stdout
