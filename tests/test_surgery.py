@@ -54,7 +54,7 @@ def _near_tie(outputs: np.ndarray, rows: np.ndarray, tol: float = 1e-5) -> bool:
 def test_cut_model_equals_masked_model(arch: str, layer: str | None, inputs: np.ndarray, tmp_path):
     model = _model(arch)
     path = trace_channels(ModelGraph(model), layer)
-    profile, sweep = ChannelSweeper(path, batch_size=40).profile_and_sweep(inputs, np.arange(48))
+    _, sweep = ChannelSweeper(path, batch_size=40).profile_and_sweep(inputs, np.arange(48))
     for k in sorted({1, path.channels // 2, path.channels - 1}):
         pruned = np.sort(sweep.order[:k])
         result = cut(model, path, pruned)
