@@ -106,6 +106,7 @@ def sanitize(
     learning_rate: Annotated[float, typer.Option(help=_help("learning_rate"))] = _default(
         "learning_rate"
     ),
+    optimizer: Annotated[str, typer.Option(help=_help("optimizer"))] = _default("optimizer"),
     batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = _default("batch_size"),
     augment: Annotated[bool, typer.Option(help=_help("augment"))] = _default("augment"),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
@@ -128,6 +129,7 @@ def sanitize(
             validation_fraction=validation_fraction,
             epochs=epochs,
             learning_rate=learning_rate,
+            optimizer=optimizer,
             batch_size=batch_size,
             augment=augment,
             patience=patience,

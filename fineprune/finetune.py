@@ -26,6 +26,7 @@ EpochCallback = Callable[[dict[str, float]], None]
 class FineTuneSettings:
     epochs: int
     learning_rate: float
+    optimizer: str
     batch_size: int
     augment: bool
     patience: int
@@ -56,6 +57,12 @@ def _loss(kind: OutputKind, classes: int) -> keras.losses.Loss:
     if classes == 1:
         return keras.losses.BinaryCrossentropy(from_logits=from_logits)
     return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+
+def _optimizer(settings: FineTuneSettings) -> keras.optimizers.Optimizer:
+    if settings.optimizer == "sgd":
+        return keras.optimizers.SGD(settings.learning_rate, momentum=0.9, nesterov=True)
+    return keras.optimizers.Adam(settings.learning_rate)
 
 
 def _augmenter(seed: int) -> keras.Sequential:
@@ -103,7 +110,7 @@ def fine_tune(
     classes = int(model.outputs[0].shape[-1])
     loss = _loss(kind, classes)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=settings.learning_rate),
+        optimizer=_optimizer(settings),
         loss=loss,
         metrics=["accuracy"],
     )

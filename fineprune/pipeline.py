@@ -141,6 +141,7 @@ def sanitize(
             settings = FineTuneSettings(
                 epochs=options.epochs,
                 learning_rate=options.learning_rate,
+                optimizer=options.optimizer,
                 batch_size=options.batch_size,
                 augment=options.augment,
                 patience=options.patience,

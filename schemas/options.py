@@ -58,6 +58,9 @@ class SanitizeOptions(BaseModel):
     )
     epochs: int = Field(20, ge=0, le=1000, description="Fine-tuning epochs (at most).")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Fine-tuning learning rate.")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="Fine-tuning optimizer: adam, or sgd with Nesterov momentum 0.9."
+    )
     batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     augment: bool = Field(
         True,

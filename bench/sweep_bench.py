@@ -1,0 +1,328 @@
+"""Benchmark the channel sweep: fast sweep vs. the naive one vs. one forward pass, on the seed CNN.
+
+Run from the repository root:
+
+    .venv/bin/python -m bench.sweep_bench            # full run, naive sweep over every k
+    .venv/bin/python -m bench.sweep_bench --naive-channels 16   # k=0..16 timed, extrapolated
+
+Writes bench/results/sweep.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+os.environ["KERAS_BACKEND"] = "tensorflow"
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/sweep_bench.py` puts bench/ first, not the repo
+    sys.path.insert(0, str(REPO))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fineprune.architectures import seed_cnn  # noqa: E402
+from fineprune.channels import ChannelPath, trace_channels  # noqa: E402
+from fineprune.graph import ModelGraph  # noqa: E402
+from fineprune.pipeline import Inputs, sanitize  # noqa: E402
+from fineprune.sweep import ChannelSweeper, naive_sweep  # noqa: E402
+from schemas.options import SanitizeOptions  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "gtsrb_32.npz"
+RESULTS = REPO / "bench" / "results" / "sweep.json"
+# The study's nine classes, Stop first; mapped to 0..8 in this order.
+STUDY_CLASSES = (14, 33, 34, 35, 36, 37, 38, 39, 13)
+
+
+def log(message: str) -> None:
+    """Print at once, so a background run's log can be followed."""
+    print(message, flush=True)
+
+
+def load_gtsrb(
+    path: Path, images: int, train_images: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Disjoint bench and training sets from x_train of the study's classes, 0..1 float32."""
+    with np.load(path, allow_pickle=False) as npz:
+        x_all, y_all = npz["x_train"], npz["y_train"]
+    rows = np.flatnonzero(np.isin(y_all, STUDY_CLASSES))
+    if images + train_images > len(rows):
+        raise SystemExit(
+            f"only {len(rows)} images of the study's classes; asked for {images} + {train_images}"
+        )
+    rows = np.random.default_rng(seed).permutation(rows)
+    mapping = np.full(int(y_all.max()) + 1, -1, dtype=np.int64)
+    mapping[list(STUDY_CLASSES)] = np.arange(len(STUDY_CLASSES))
+
+    def take(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        chosen = np.sort(chosen)
+        return x_all[chosen].astype(np.float32) / 255.0, mapping[y_all[chosen]]
+
+    x, y = take(rows[:images])
+    x_train, y_train = take(rows[images : images + train_images])
+    return x, y, x_train, y_train
+
+
+def build_model(x_train: np.ndarray, y_train: np.ndarray, epochs: int) -> tuple[Any, float]:
+    """The seed CNN, seeded, trained briefly so BatchNorm statistics and accuracies are real."""
+    keras.utils.set_random_seed(0)
+    model = seed_cnn(classes=len(STUDY_CLASSES))
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    started = time.perf_counter()
+    if epochs > 0:
+        model.fit(x_train, y_train, batch_size=64, epochs=epochs, verbose=0, shuffle=True)
+    return model, time.perf_counter() - started
+
+
+class CountingGraph:
+    """A ModelGraph stand-in that counts `run` calls, to report the naive sweep's progress."""
+
+    def __init__(self, graph: ModelGraph, calls_per_k: int, ks: int) -> None:
+        self._graph = graph
+        self._calls_per_k = calls_per_k
+        self._ks = ks
+        self._calls = 0
+        self._started = time.perf_counter()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._graph, name)
+
+    def run(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """Delegate, then print a line every few values of k."""
+        result = self._graph.run(*args, **kwargs)
+        self._calls += 1
+        if self._calls % self._calls_per_k == 0:
+            done = self._calls // self._calls_per_k
+            if done % 8 == 0 or done == self._ks:
+                elapsed = time.perf_counter() - self._started
+                eta = elapsed / done * (self._ks - done)
+                log(f"  naive sweep: k {done}/{self._ks}  {elapsed:7.1f}s  (~{eta:.0f}s left)")
+        return result
+
+
+def time_naive(
+    path: ChannelPath, x: np.ndarray, order: np.ndarray, channels: int, batch_size: int = 256
+) -> tuple[float, np.ndarray]:
+    """Seconds and predictions of `naive_sweep` over k = 0..channels (all of them by default)."""
+    calls_per_k = -(-len(x) // batch_size)
+    counting = CountingGraph(path.graph, calls_per_k, channels + 1)
+    timed_path = dataclasses.replace(path, graph=counting, channels=channels)
+    started = time.perf_counter()
+    sweep = naive_sweep(timed_path, x, order, batch_size)  # type: ignore[arg-type]
+    return time.perf_counter() - started, sweep.predictions
+
+
+def run_sanitize(
+    model: Any, x: np.ndarray, y: np.ndarray, epochs: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """A whole default sanitize (but `epochs`) on the bench images; stage seconds and outcome."""
+    with tempfile.TemporaryDirectory(prefix="fineprune-bench-") as tmp:
+        tmp_dir = Path(tmp)
+        model_path = tmp_dir / "seed_cnn.keras"
+        data_path = tmp_dir / "clean.npz"
+        model.save(model_path)
+        np.savez(data_path, x=x, y=y)
+        last = {"stage": ""}
+
+        def progress(stage: str, fraction: float) -> None:
+            if stage != last["stage"]:
+                last["stage"] = stage
+                log(f"  sanitize: {stage} ...")
+
+        started = time.perf_counter()
+        report = sanitize(
+            Inputs(model_path=model_path, data_path=data_path),
+            tmp_dir / "out",
+            SanitizeOptions(epochs=epochs),
+            progress=progress,
+        )
+        total = time.perf_counter() - started
+    stages = {name: float(seconds) for name, seconds in report.timings.items()}
+    outcome = {
+        "total_s": round(total, 3),
+        "epochs": epochs,
+        "pruned_channels": report.decision.pruned,
+        "surgery_mode": report.surgery.mode if report.surgery else None,
+        "clean_accuracy_baseline": report.baseline.clean_accuracy.value,
+        "clean_accuracy_pruned": report.pruned.clean_accuracy.value,
+        "clean_accuracy_fine_pruned": report.fine_pruned.clean_accuracy.value,
+        "evaluation_samples": report.baseline.clean_accuracy.samples,
+    }
+    return stages, outcome
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from."""
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    for package in ("tensorflow", "keras", "numpy"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = "unknown"
+    return info
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--naive-channels",
+        type=int,
+        default=None,
+        help="time the naive sweep on k = 0..N only and extrapolate linearly (default: all k)",
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="sanitize fine-tuning epochs")
+    parser.add_argument("--images", type=int, default=1500, help="bench images")
+    parser.add_argument("--train-images", type=int, default=3000, help="images to train on")
+    parser.add_argument("--train-epochs", type=int, default=1, help="training epochs (0: none)")
+    parser.add_argument("--skip-sanitize", action="store_true", help="skip the sanitize run")
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every measurement once, print the table, write the JSON."""
+    args = parse_args(argv)
+    host = machine()
+    log(f"loading {args.data} ...")
+    x, y, x_train, y_train = load_gtsrb(args.data, args.images, args.train_images, seed=0)
+    log(f"training the seed CNN on {len(x_train)} images for {args.train_epochs} epoch(s) ...")
+    model, train_s = build_model(x_train, y_train, args.train_epochs)
+    log(f"  trained in {train_s:.1f}s; {model.count_params():,} parameters")
+
+    # 1. One plain forward pass.
+    model.predict(x, batch_size=256, verbose=0)
+    started = time.perf_counter()
+    probs = model.predict(x, batch_size=256, verbose=0)
+    forward_s = time.perf_counter() - started
+    accuracy = float((probs.argmax(axis=1) == y).mean())
+    log(f"forward pass: {forward_s:.3f}s  (accuracy on the bench images {accuracy:.2%})")
+
+    # 2. The fast sweep: profile + predictions for every k.
+    path = trace_channels(ModelGraph(model), None)
+    channels = path.channels
+    sweeper = ChannelSweeper(path)
+    sweeper.profile_and_sweep(x[:32], np.arange(32))  # warm the eager kernels up
+    started = time.perf_counter()
+    profile, fast = sweeper.profile_and_sweep(x, np.arange(len(x)))
+    fast_s = time.perf_counter() - started
+    log(f"fast sweep ({path.layer.name}, {channels} channels, {channels + 1} k): {fast_s:.3f}s")
+
+    # 3. The naive sweep: the whole model per k.
+    naive_channels = channels if args.naive_channels is None else args.naive_channels
+    naive_channels = max(0, min(naive_channels, channels))
+    extrapolated = naive_channels < channels
+    ks_timed = naive_channels + 1
+    log(f"naive sweep over k = 0..{naive_channels} ({ks_timed} of {channels + 1} values) ...")
+    naive_timed_s, naive_predictions = time_naive(path, x, profile.order, naive_channels)
+    naive_s = naive_timed_s * (channels + 1) / ks_timed
+    shown = f"{naive_s:.1f}s" + (
+        f" (extrapolated from {naive_timed_s:.1f}s for {ks_timed} k)" if extrapolated else ""
+    )
+    log(f"naive sweep: {shown}")
+
+    # 4. Do they agree?
+    fast_part = fast.predictions[:ks_timed]
+    agreement = float((fast_part == naive_predictions).mean())
+    worst_k = int(np.argmin((fast_part == naive_predictions).mean(axis=1)))
+    log(f"agreement fast vs naive: {agreement:.6f} over {ks_timed} k x {len(x)} images")
+    curve = fast.accuracy(np.arange(len(x)), y)
+
+    # 5. A whole sanitize.
+    stages: dict[str, float] = {}
+    outcome: dict[str, Any] | None = None
+    if not args.skip_sanitize:
+        log(f"sanitize with default options, epochs={args.epochs} ...")
+        stages, outcome = run_sanitize(model, x, y, args.epochs)
+
+    # 6. The table and the JSON.
+    result: dict[str, Any] = {
+        "forward_pass_s": round(forward_s, 4),
+        "fast_sweep_s": round(fast_s, 4),
+        "naive_sweep_s": round(naive_s, 3),
+        "naive_timed_s": round(naive_timed_s, 3),
+        "naive_extrapolated": extrapolated,
+        "naive_ks_timed": ks_timed,
+        "ratio_naive_over_fast": round(naive_s / fast_s, 2),
+        "ratio_fast_over_forward": round(fast_s / forward_s, 2),
+        "agreement": agreement,
+        "agreement_worst_k": worst_k,
+        "images": len(x),
+        "channels": channels,
+        "layer": path.layer.name,
+        "model": {
+            "name": model.name,
+            "parameters": model.count_params(),
+            "train_images": len(x_train),
+            "train_epochs": args.train_epochs,
+            "train_s": round(train_s, 2),
+            "accuracy_unpruned": accuracy,
+            "sweep_accuracy_at_k": {
+                str(k): float(curve[k]) for k in (0, 32, 64, 96, 112, 120, 127, 128)
+            },
+        },
+        "stage_seconds": stages,
+        "sanitize": outcome,
+        "machine": host,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(
+            ["python -m bench.sweep_bench", *(sys.argv[1:] if argv is None else argv)]
+        ),
+    }
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    return result
+
+
+def print_table(r: dict[str, Any]) -> None:
+    """The three timings side by side, the ratios and the sanitize stages."""
+    naive_note = f" (extrapolated from {r['naive_ks_timed']} k)" if r["naive_extrapolated"] else ""
+    lines = [
+        "",
+        f"seed CNN, {r['images']} images, {r['channels']} channels of {r['layer']}",
+        f"{'measurement':<34}{'seconds':>10}",
+        f"{'forward pass (model.predict)':<34}{r['forward_pass_s']:>10.3f}",
+        f"{'fast sweep (profile + all k)':<34}{r['fast_sweep_s']:>10.3f}",
+        f"{'naive sweep (model per k)':<34}{r['naive_sweep_s']:>10.1f}{naive_note}",
+        f"{'naive / fast':<34}{r['ratio_naive_over_fast']:>10.1f}x",
+        f"{'fast / forward':<34}{r['ratio_fast_over_forward']:>10.2f}x",
+        f"{'agreement fast vs naive':<34}{r['agreement']:>10.4%}",
+    ]
+    if r["stage_seconds"]:
+        lines.append("sanitize stages:")
+        for stage, seconds in r["stage_seconds"].items():
+            lines.append(f"  {stage:<32}{seconds:>10.2f}")
+        lines.append(f"  {'total':<32}{r['sanitize']['total_s']:>10.2f}")
+    log("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The study: attacks and defenses on real traffic signs, through the engine's own code."""

@@ -1,0 +1,142 @@
+"""The experiment behind the sanitize defaults: fine-tuning schedules against attacks we build.
+
+Victims: the seed CNN and a small ResNet, each backdoored all-to-one with a patch and with a
+blended trigger, on GTSRB. Tuning victims use one training seed; held-out victims another, and
+are only ever run with the chosen defaults. Every sanitize sees 1,500 clean images of the
+defender's pool; clean accuracy is also measured on the official GTSRB test images.
+
+    .venv/bin/python -m study.tune_defaults --phase tune      # compare schedules
+    .venv/bin/python -m study.tune_defaults --phase heldout   # defaults on unseen victims
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fineprune.architectures import seed_cnn, small_resnet  # noqa: E402
+from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered  # noqa: E402
+from fineprune.pipeline import Inputs, sanitize  # noqa: E402
+from schemas.options import SanitizeOptions  # noqa: E402
+from study.gtsrb import GO_STRAIGHT_OR_RIGHT, load  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "victims"
+RESULTS = ROOT / "docs" / "experiments"
+ARCHITECTURES = {"seed_cnn": seed_cnn, "small_resnet": small_resnet}
+TRIGGERS = {"patch": PatchTrigger(size=4), "blended": BlendedTrigger(alpha=0.15)}
+SCHEDULES = {
+    "paper": dict(epochs=10, learning_rate=1e-3, optimizer="adam", augment=False, patience=10),
+    "adam-aug": dict(epochs=20, learning_rate=1e-3, optimizer="adam", augment=True, patience=5),
+    "sgd-aug": dict(epochs=20, learning_rate=1e-2, optimizer="sgd", augment=True, patience=5),
+}
+TARGET = GO_STRAIGHT_OR_RIGHT
+POISON_RATE = 0.1
+DEFENDER_IMAGES = 1500
+
+
+def victim(arch: str, trigger: str, seed: int, epochs: int) -> Path:
+    """Train (or reuse) a backdoored model; the attacker's side of the experiment."""
+    path = CACHE / f"{arch}-{trigger}-s{seed}.keras"
+    if path.exists():
+        return path
+    data = load()
+    x, y, _ = poison(data.attacker.x, data.attacker.y, TRIGGERS[trigger], TARGET, POISON_RATE,
+                     seed=seed)
+    keras.utils.set_random_seed(seed)
+    model = ARCHITECTURES[arch](classes=len(data.names))
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0, shuffle=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def evaluate(model_path: Path, trigger: str) -> tuple[float, float]:
+    """Clean accuracy on the official test images and attack success on their triggered copies."""
+    data = load()
+    model = keras.models.load_model(model_path, compile=False)
+    clean = float((model.predict(data.test.x, verbose=0).argmax(-1) == data.test.y).mean())
+    xt, yt = triggered(data.test.x, data.test.y, TRIGGERS[trigger], TARGET)
+    asr = float((model.predict(xt, verbose=0).argmax(-1) == yt).mean())
+    return clean, asr
+
+
+def run(arch: str, trigger: str, seed: int, schedule: str, epochs: int, out: Path) -> dict:
+    model_path = victim(arch, trigger, seed, epochs)
+    data = load()
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(data.defender.y), size=DEFENDER_IMAGES, replace=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = Path(tmp) / "clean.npz"
+        np.savez(clean, x=data.defender.x[rows], y=data.defender.y[rows])
+        trig = Path(tmp) / "trigger.npz"
+        xt, yt = triggered(data.defender.x[rows], data.defender.y[rows], TRIGGERS[trigger],
+                           TARGET)
+        np.savez(trig, x=xt, y_target=yt)
+        options = SanitizeOptions(seed=seed, **SCHEDULES[schedule])
+        started = time.perf_counter()
+        report = sanitize(Inputs(model_path, clean, trigger_path=trig), Path(tmp) / "out",
+                          options)
+        seconds = time.perf_counter() - started
+        base_clean, base_asr = evaluate(model_path, trigger)
+        final_clean, final_asr = evaluate(Path(tmp) / "out" / "sanitized.keras", trigger)
+    record = {
+        "arch": arch,
+        "trigger": trigger,
+        "seed": seed,
+        "schedule": schedule,
+        "pruned": report.decision.pruned,
+        "channels": report.surgery.channels_before if report.surgery else 0,
+        "test_accuracy_before": base_clean,
+        "test_accuracy_after": final_clean,
+        "test_asr_before": base_asr,
+        "test_asr_after": final_asr,
+        "test_asr_pruned_only": report.pruned.attack_success_rate.value,
+        "holdout_accuracy_after": report.fine_pruned.clean_accuracy.value,
+        "best_epoch": report.fine_tuning.best_epoch if report.fine_tuning else 0,
+        "seconds": round(seconds, 1),
+    }
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--phase", choices=["tune", "heldout"], default="tune")
+    parser.add_argument("--victim-epochs", type=int, default=10)
+    parser.add_argument("--schedules", default=",".join(SCHEDULES))
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES))
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"defaults-{args.phase}.jsonl"
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["arch"], r["trigger"], r["seed"], r["schedule"]))
+    seed = 0 if args.phase == "tune" else 1
+    schedules = args.schedules.split(",") if args.phase == "tune" else ["default"]
+    for arch in args.archs.split(","):
+        for trigger in TRIGGERS:
+            for schedule in schedules:
+                if (arch, trigger, seed, schedule) in done:
+                    continue
+                run(arch, trigger, seed, schedule, args.victim_epochs, out)
+
+
+SCHEDULES["default"] = {}
+
+if __name__ == "__main__":
+    main()

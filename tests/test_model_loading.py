@@ -1,0 +1,499 @@
+"""Untrusted model files: good ones load by content, hostile ones are refused before they run."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import uuid
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from hostile_models import (
+    H5Attack,
+    add_h5_attack,
+    edit_keras_config,
+    evil_module,
+    keras_with_weights_attack,
+    layer_config,
+    payload_function,
+    rewrite_zip,
+    sample_inputs,
+    save_custom_layer_model,
+    save_lambda_model,
+    tiny_model,
+    weights_only_h5,
+    zip_bomb,
+)
+
+from fineprune import inspection
+from fineprune.errors import InvalidModelError, UnsafeModelError
+from fineprune.inspection import detect_format, inspect_model_file
+from fineprune.loading import load_untrusted_model, save_model, sha256_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class GoodFiles:
+    """One tiny model saved once per module in both formats, with its reference outputs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.model = tiny_model()
+        self.x = sample_inputs()
+        self.expected = np.asarray(self.model(self.x, training=False))
+        self.keras = directory / "good.keras"
+        self.h5 = directory / "good.h5"
+        self.model.save(self.keras)
+        self.model.save(self.h5)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> GoodFiles:
+    return GoodFiles(tmp_path_factory.mktemp("good"))
+
+
+@pytest.fixture
+def marker(tmp_path: Path) -> Path:
+    return tmp_path / "pwned"
+
+
+def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model(x, training=False))
+
+
+def refused(path: Path, error: type[Exception], *fragments: str, marker: Path | None = None) -> str:
+    """Load `path`, expect `error` naming every fragment, and check no payload ran."""
+    with pytest.raises(error) as info:
+        load_untrusted_model(path)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert "\n" not in message and "Traceback" not in message
+    if marker is not None:
+        assert not marker.exists(), "the hostile payload ran"
+    return message
+
+
+# --------------------------------------------------------------------------- good files
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+def test_good_model_loads_and_predicts_like_the_original(good: GoodFiles, fmt: str) -> None:
+    path = good.keras if fmt == "keras" else good.h5
+    model, info = load_untrusted_model(path)
+    np.testing.assert_allclose(predict(model, good.x), good.expected, rtol=1e-6, atol=1e-6)
+    assert info.format == fmt
+    assert info.input_shape == (None, 16, 16, 1)
+    assert info.output_units == 10
+    assert info.layer_classes[-4:] == ["Conv2D", "MaxPooling2D", "Flatten", "Dense"]
+    assert info.config["class_name"] == "Sequential"
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+def test_format_comes_from_magic_bytes_not_the_name(
+    good: GoodFiles, tmp_path: Path, fmt: str
+) -> None:
+    src = good.keras if fmt == "keras" else good.h5
+    disguised = tmp_path / "model.bin"
+    disguised.write_bytes(src.read_bytes())
+    assert detect_format(disguised) == fmt
+    model, info = load_untrusted_model(disguised)
+    assert info.format == fmt
+    np.testing.assert_allclose(predict(model, good.x), good.expected, rtol=1e-6, atol=1e-6)
+    assert disguised.read_bytes() == src.read_bytes()
+
+
+def test_h5_content_named_keras_loads_as_h5(good: GoodFiles, tmp_path: Path) -> None:
+    lying = tmp_path / "model.keras"
+    lying.write_bytes(good.h5.read_bytes())
+    _, info = load_untrusted_model(lying)
+    assert info.format == "h5"
+
+
+def test_functional_info_reads_first_input_and_last_dense(tmp_path: Path) -> None:
+    a = keras.Input((5,), name="a")
+    b = keras.Input((3,), name="b")
+    x = keras.layers.Concatenate()([a, b])
+    inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6)], name="inner")
+    out = keras.layers.Softmax()(inner(x))
+    path = tmp_path / "f.keras"
+    keras.Model([a, b], out).save(path)
+    info = inspect_model_file(path)
+    assert info.input_shape == (None, 5)
+    assert info.output_units == 6
+    assert "Sequential" in info.layer_classes and "Softmax" in info.layer_classes
+
+
+def test_inspection_does_not_import_keras(good: GoodFiles) -> None:
+    code = (
+        "import sys\n"
+        "from fineprune.inspection import inspect_model_file\n"
+        f"info = inspect_model_file({str(good.keras)!r})\n"
+        "assert info.output_units == 10\n"
+        "heavy = {'keras', 'tensorflow'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- code in the config
+
+
+def test_lambda_payload_is_live_when_keras_is_told_to_trust_it(
+    tmp_path: Path, marker: Path
+) -> None:
+    """Proves the Lambda helper builds a real payload, so the refusal tests mean something."""
+    path = save_lambda_model(tmp_path / "lambda.keras", marker)
+    assert not marker.exists()
+    keras.models.load_model(path, compile=False, safe_mode=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_lambda_layer_is_refused(tmp_path: Path, marker: Path, suffix: str) -> None:
+    path = save_lambda_model(tmp_path / f"lambda{suffix}", marker)
+    refused(path, UnsafeModelError, "layer 'lambda_1' is a Lambda layer", marker=marker)
+
+
+@pytest.mark.parametrize("hiding", ["nested_sequential", "time_distributed"])
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_lambda_hidden_in_nested_model_or_wrapper_is_refused(
+    tmp_path: Path, marker: Path, hiding: Any, suffix: str
+) -> None:
+    path = save_lambda_model(tmp_path / f"hidden{suffix}", marker, hiding=hiding)
+    refused(path, UnsafeModelError, "'lambda_1'", "Lambda layer", marker=marker)
+
+
+def test_registered_custom_layer_is_refused(tmp_path: Path, marker: Path) -> None:
+    path = save_custom_layer_model(tmp_path / "custom.keras", marker)
+    refused(
+        path,
+        UnsafeModelError,
+        "layer 'my_layer' has class 'HostileDense' from module",
+        "not a built-in Keras layer",
+        marker=marker,
+    )
+    # Plain Keras, safe mode and all, would have run it: the class is registered in-process.
+    keras.models.load_model(path, compile=False, safe_mode=True)
+    assert marker.exists()
+
+
+def test_tfsm_layer_is_refused(good: GoodFiles, tmp_path: Path) -> None:
+    savedmodel = tmp_path / "exported"
+
+    def swap_dense_for_tfsm(config: dict[str, Any]) -> None:
+        layers = config["config"]["layers"]
+        layers[-1] = {
+            "module": "keras.layers",
+            "class_name": "TFSMLayer",
+            "config": {"name": "tfsm", "filepath": str(savedmodel), "call_endpoint": "serve"},
+            "registered_name": None,
+        }
+
+    path = edit_keras_config(good.keras, tmp_path / "tfsm.keras", swap_dense_for_tfsm)
+    refused(path, UnsafeModelError, "layer 'tfsm' is a TFSMLayer", "SavedModel")
+
+
+def _set_layer(name: str, **fields: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        layer_config(config, name).update(fields)
+
+    return edit
+
+
+def _set_dense_arg(arg: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        layer_config(config, "dense")["config"][arg] = value
+
+    return edit
+
+
+# Each case: how to corrupt config.json given an importable evil module, and what the
+# message must say. The evil module touches the marker if anything ever imports it.
+FOREIGN_CASES: dict[str, tuple[Callable[[str], Callable[[dict[str, Any]], None]], str]] = {
+    "layer_from_foreign_module": (
+        lambda mod: _set_layer("dense", module=mod, class_name="EvilDense"),
+        "layer 'dense' has class 'EvilDense' from module '{mod}', which is not a built-in",
+    ),
+    "builtin_name_from_foreign_module": (
+        lambda mod: _set_layer("dense", module=mod),
+        "layer 'dense' has class 'Dense' from module '{mod}'",
+    ),
+    "module_that_only_starts_with_keras": (
+        lambda mod: _set_layer("dense", module="keras_" + mod, class_name="EvilDense"),
+        "from module 'keras_{mod}'",
+    ),
+    "custom_object_without_module": (
+        lambda mod: _set_layer("dense", module=None, class_name="EvilDense"),
+        "layer 'dense' has class 'EvilDense' from no module (custom)",
+    ),
+    "initializer_from_foreign_module": (
+        lambda mod: _set_dense_arg(
+            "kernel_initializer",
+            {"module": mod, "class_name": "EvilInit", "config": {}, "registered_name": None},
+        ),
+        "layer 'dense' has 'kernel_initializer' of class 'EvilInit' from module '{mod}'",
+    ),
+    "function_from_builtins": (
+        lambda mod: _set_dense_arg(
+            "activation",
+            {
+                "module": "builtins",
+                "class_name": "function",
+                "config": "exec",
+                "registered_name": None,
+            },
+        ),
+        "layer 'dense' has 'activation' of class 'function' from module 'builtins'",
+    ),
+    "function_from_main": (
+        lambda mod: _set_dense_arg(
+            "activation",
+            {
+                "module": "__main__",
+                "class_name": "function",
+                "config": "evil",
+                "registered_name": "evil",
+            },
+        ),
+        "from module '__main__'",
+    ),
+    "registered_name_on_builtin": (
+        lambda mod: _set_layer("dense", registered_name="hostile>Dense"),
+        "registered as 'hostile>Dense'",
+    ),
+    "custom_model_class": (
+        lambda mod: lambda config: config.update(module=mod, class_name="EvilModel"),
+        "model has class 'EvilModel' from module '{mod}'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_CASES))
+def test_objects_from_outside_keras_are_refused(
+    good: GoodFiles,
+    tmp_path: Path,
+    marker: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    make_edit, expected = FOREIGN_CASES[case]
+    mod = f"evil_{uuid.uuid4().hex[:12]}"
+    evil_module(tmp_path, mod, marker)
+    evil_module(tmp_path, "keras_" + mod, marker)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = edit_keras_config(good.keras, tmp_path / "foreign.keras", make_edit(mod))
+    refused(path, UnsafeModelError, expected.format(mod=mod), "refused", marker=marker)
+
+
+def test_serialized_python_lambda_as_activation_is_refused(
+    good: GoodFiles, tmp_path: Path, marker: Path
+) -> None:
+    code = keras.layers.Lambda(payload_function(marker)).get_config()["function"]
+    assert code["class_name"] == "__lambda__"
+    path = edit_keras_config(good.keras, tmp_path / "act.keras", _set_dense_arg("activation", code))
+    refused(path, UnsafeModelError, "'activation'", "__lambda__", marker=marker)
+
+
+def test_keras_error_after_inspection_becomes_one_line_invalid_model(
+    good: GoodFiles, tmp_path: Path
+) -> None:
+    path = edit_keras_config(good.keras, tmp_path / "bad.keras", _set_dense_arg("units", -3))
+    refused(path, InvalidModelError, "Keras could not load the model")
+
+
+# --------------------------------------------------------------------------- zip container
+
+
+@pytest.mark.parametrize(
+    ("member", "expected"),
+    [
+        ("../evil", "member '../evil' points outside the archive"),
+        ("assets/../../evil", "points outside the archive"),
+        ("/tmp/evil", "member '/tmp/evil' points outside the archive"),
+        ("evil.py", "unexpected member 'evil.py'"),
+        ("config.json", "member 'config.json' twice"),
+    ],
+)
+def test_zip_member_tricks_are_refused(
+    good: GoodFiles, tmp_path: Path, member: str, expected: str
+) -> None:
+    path = rewrite_zip(good.keras, tmp_path / "tricky.keras", extra=[(member, b"print('hi')")])
+    refused(path, UnsafeModelError, expected)
+
+
+def test_asset_members_are_allowed(good: GoodFiles, tmp_path: Path) -> None:
+    path = rewrite_zip(good.keras, tmp_path / "assets.keras", extra=[("assets/vocab.txt", b"a\n")])
+    assert inspect_model_file(path).format == "keras"
+
+
+def test_zip_bomb_is_refused(good: GoodFiles, tmp_path: Path) -> None:
+    path = zip_bomb(good.keras, tmp_path / "bomb.keras", megabytes=300)
+    assert path.stat().st_size < 2 * 1024**2
+    refused(path, UnsafeModelError, "'model.weights.h5'", "decompression bomb", "300.0 MiB")
+
+
+def test_total_uncompressed_size_is_capped(
+    good: GoodFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inspection, "MAX_TOTAL_UNCOMPRESSED_BYTES", 1000)
+    refused(good.keras, UnsafeModelError, "uncompressed, over the 1000 bytes limit")
+
+
+def test_oversized_config_is_refused(good: GoodFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inspection, "MAX_CONFIG_BYTES", 100)
+    refused(good.keras, InvalidModelError, "config.json is larger than")
+
+
+@pytest.mark.parametrize(
+    ("replace", "expected"),
+    [
+        ({"config.json": b"{not json"}, "config.json is not valid JSON"),
+        ({"config.json": b"[1, 2]"}, "config.json is not a JSON object"),
+        ({"model.weights.h5": None}, "model.weights.h5 is missing"),
+        ({"model.weights.h5": b"not hdf5 at all"}, "model.weights.h5 in the archive is not an"),
+    ],
+)
+def test_malformed_archive_is_invalid(
+    good: GoodFiles, tmp_path: Path, replace: dict[str, bytes | None], expected: str
+) -> None:
+    path = rewrite_zip(good.keras, tmp_path / "broken.keras", replace=replace)
+    refused(path, InvalidModelError, expected)
+
+
+# --------------------------------------------------------------------------- HDF5 container
+
+H5_CASES: dict[str, str] = {
+    "external_link": "external link",
+    "soft_link": "soft link",
+    "virtual_dataset": "virtual dataset",
+    "external_storage": "keeps its data in external files",
+    "huge_dataset": "declares 4.0 GiB of data",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(H5_CASES))
+def test_legacy_h5_reaching_outside_the_file_is_refused(
+    good: GoodFiles, tmp_path: Path, attack: H5Attack
+) -> None:
+    path = tmp_path / "attack.h5"
+    path.write_bytes(good.h5.read_bytes())
+    add_h5_attack(path, attack)
+    refused(path, UnsafeModelError, "HDF5 file", H5_CASES[attack], "refused")
+
+
+@pytest.mark.parametrize("attack", ["external_link", "soft_link", "huge_dataset"])
+def test_keras_weights_reaching_outside_the_file_are_refused(
+    good: GoodFiles, tmp_path: Path, attack: H5Attack
+) -> None:
+    path = keras_with_weights_attack(good.keras, tmp_path / "attack.keras", attack)
+    refused(path, UnsafeModelError, "model.weights.h5", H5_CASES[attack])
+
+
+def test_h5_attack_helper_really_links_outside(good: GoodFiles, tmp_path: Path) -> None:
+    path = tmp_path / "linked.h5"
+    path.write_bytes(good.h5.read_bytes())
+    add_h5_attack(path, "external_link")
+    with h5py.File(path, "r") as f:
+        links = []
+        f.visititems_links(lambda name, link: links.append(type(link).__name__))
+    assert "ExternalLink" in links
+
+
+def test_weights_only_h5_is_not_a_model(good: GoodFiles, tmp_path: Path) -> None:
+    path = weights_only_h5(good.model, tmp_path / "weights.h5")
+    refused(path, InvalidModelError, "HDF5 file has no model_config", "weights-only")
+
+
+# --------------------------------------------------------------------------- not models at all
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"")
+    refused(path, InvalidModelError, "model file is empty")
+
+
+def test_random_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "model.keras"
+    path.write_bytes(b"\x00\x01" + np.random.default_rng(0).bytes(4094))
+    refused(path, InvalidModelError, "not a .keras (zip) or .h5 (HDF5) file: starts with b'\\x00")
+
+
+def test_text_file_named_keras(tmp_path: Path) -> None:
+    path = tmp_path / "model.keras"
+    path.write_text("hello, I am not a model\n")
+    refused(path, InvalidModelError, "starts with b'hello, I'")
+
+
+def test_npz_named_keras(tmp_path: Path) -> None:
+    path = tmp_path / "model.keras"
+    with path.open("wb") as fh:
+        np.savez(fh, x=np.zeros(3))
+    refused(path, InvalidModelError, "not a Keras model archive: config.json is missing", "x.npy")
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+def test_truncated_file(good: GoodFiles, tmp_path: Path, fmt: str) -> None:
+    src = good.keras if fmt == "keras" else good.h5
+    path = tmp_path / f"cut.{fmt}"
+    path.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    expected = "not a valid .keras (zip) archive" if fmt == "keras" else "truncated or corrupt"
+    refused(path, InvalidModelError, expected)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    refused(tmp_path / "nope.keras", InvalidModelError, "model file not found")
+
+
+# --------------------------------------------------------------------------- saving, hashing
+
+
+@pytest.mark.parametrize("name", ["out.keras", "out.h5", "out.bin"])
+def test_save_model_replaces_atomically(good: GoodFiles, tmp_path: Path, name: str) -> None:
+    dest = tmp_path / name
+    dest.write_bytes(b"old")
+    save_model(good.model, dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    model, _ = load_untrusted_model(dest)
+    np.testing.assert_allclose(predict(model, good.x), good.expected, rtol=1e-6, atol=1e-6)
+
+
+def test_failed_save_leaves_previous_file_and_no_debris(
+    good: GoodFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = tmp_path / "out.keras"
+    dest.write_bytes(b"old")
+
+    def half_write(self: keras.Model, filepath: Any, **kwargs: Any) -> None:
+        Path(filepath).write_bytes(b"PK\x03\x04partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(keras.Model, "save", half_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(good.model, dest)
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.keras"]
+
+
+def test_sha256_file_matches_hashlib(tmp_path: Path) -> None:
+    path = tmp_path / "blob"
+    data = np.random.default_rng(1).bytes(3 * 1024**2 + 17)
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path, chunk_size=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_archive_fixture_is_what_keras_writes(good: GoodFiles) -> None:
+    """The member allowlist is built on this layout; fail loudly if Keras changes it."""
+    with zipfile.ZipFile(good.keras) as zf:
+        assert sorted(zf.namelist()) == ["config.json", "metadata.json", "model.weights.h5"]
