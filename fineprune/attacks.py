@@ -67,7 +67,7 @@ def poison(
     eligible = y != target if source_classes is None else np.isin(y, source_classes)
     rng = np.random.default_rng(seed)
     candidates = np.flatnonzero(eligible)
-    count = int(round(rate * len(candidates)))
+    count = round(rate * len(candidates))
     chosen = rng.choice(candidates, size=count, replace=False)
     mask = np.zeros(len(x), dtype=bool)
     mask[chosen] = True

@@ -46,7 +46,7 @@ def load(path: Path = DATA, defender_share: float = 0.4, seed: int = 0) -> Gtsrb
     defender = np.zeros(len(y), dtype=bool)
     for cls in range(len(CLASSES)):
         ids = rng.permutation(np.unique(tracks[y == cls]))
-        chosen = ids[: max(1, int(round(defender_share * len(ids))))]
+        chosen = ids[: max(1, round(defender_share * len(ids)))]
         defender |= np.isin(tracks, chosen)
     return Gtsrb(
         attacker=Split(x[~defender], y[~defender]),

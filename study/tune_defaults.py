@@ -20,14 +20,14 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from fineprune.architectures import seed_cnn, small_resnet  # noqa: E402
-from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered  # noqa: E402
-from fineprune.pipeline import Inputs, sanitize  # noqa: E402
-from schemas.options import SanitizeOptions  # noqa: E402
-from study.gtsrb import GO_STRAIGHT_OR_RIGHT, load  # noqa: E402
+from fineprune.architectures import seed_cnn, small_resnet
+from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered
+from fineprune.pipeline import Inputs, sanitize
+from schemas.options import SanitizeOptions
+from study.gtsrb import GO_STRAIGHT_OR_RIGHT, load
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "victims"
@@ -50,8 +50,9 @@ def victim(arch: str, trigger: str, seed: int, epochs: int) -> Path:
     if path.exists():
         return path
     data = load()
-    x, y, _ = poison(data.attacker.x, data.attacker.y, TRIGGERS[trigger], TARGET, POISON_RATE,
-                     seed=seed)
+    x, y, _ = poison(
+        data.attacker.x, data.attacker.y, TRIGGERS[trigger], TARGET, POISON_RATE, seed=seed
+    )
     keras.utils.set_random_seed(seed)
     model = ARCHITECTURES[arch](classes=len(data.names))
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
@@ -80,13 +81,11 @@ def run(arch: str, trigger: str, seed: int, schedule: str, epochs: int, out: Pat
         clean = Path(tmp) / "clean.npz"
         np.savez(clean, x=data.defender.x[rows], y=data.defender.y[rows])
         trig = Path(tmp) / "trigger.npz"
-        xt, yt = triggered(data.defender.x[rows], data.defender.y[rows], TRIGGERS[trigger],
-                           TARGET)
+        xt, yt = triggered(data.defender.x[rows], data.defender.y[rows], TRIGGERS[trigger], TARGET)
         np.savez(trig, x=xt, y_target=yt)
         options = SanitizeOptions(seed=seed, **SCHEDULES[schedule])
         started = time.perf_counter()
-        report = sanitize(Inputs(model_path, clean, trigger_path=trig), Path(tmp) / "out",
-                          options)
+        report = sanitize(Inputs(model_path, clean, trigger_path=trig), Path(tmp) / "out", options)
         seconds = time.perf_counter() - started
         base_clean, base_asr = evaluate(model_path, trigger)
         final_clean, final_asr = evaluate(Path(tmp) / "out" / "sanitized.keras", trigger)
