@@ -55,7 +55,11 @@ def victim(arch: str, trigger: str, seed: int, epochs: int) -> Path:
     )
     keras.utils.set_random_seed(seed)
     model = ARCHITECTURES[arch](classes=len(data.names))
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0, shuffle=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     model.save(path)
