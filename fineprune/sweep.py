@@ -15,12 +15,19 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from fineprune.channels import ChannelPath, Mixer, class_name
 from fineprune.graph import TensorKey, batched
 
 Progress = Callable[[float], None]
 FRONTIER_BUDGET_BYTES = 2 * 1024**3
+SWEEP_CHUNK_BYTES = 512 * 1024**2
+TAIL_GROUP_BYTES = 256 * 1024**2
+
+
+def _size(tensor: Any) -> int:
+    return int(np.prod([d or 1 for d in tensor.shape[1:]]))
 
 
 @dataclass
@@ -89,7 +96,46 @@ class ChannelSweeper:
             }
         )
         self._tensor = {id(t): t for n in self.graph.nodes for t in (*n.inputs, *n.outputs)}
+        self._kernel = {
+            id(m.node): keras.ops.convert_to_numpy(m.node.layer.kernel) for m in self.linear
+        }
         self._tensor.update({id(t): t for t in self.graph.inputs})
+        self._prefix_keys = sorted({*self.mixer_input_keys, *self.outside_keys})
+        self._prefix_model = self._compile_prefix()
+        self._tail_fn = self._compile_tail() if not self.late else None
+
+    def _compile_prefix(self) -> keras.Model:
+        """One Keras model from the input to the profile means and the mixers' inputs."""
+        profiled = self._tensor[self.path.profile_key]
+        spatial = tuple(range(1, len(profiled.shape) - 1))
+        means = keras.ops.mean(profiled, axis=spatial) if spatial else profiled
+        outputs = [means, *(self._tensor[k] for k in self._prefix_keys)]
+        return keras.Model(self.graph.inputs, outputs, name="fineprune_prefix")
+
+    def _compile_tail(self) -> Any:
+        """The mixers' activations and everything after them, traced once by TensorFlow."""
+        fed = [*self.outside_keys, *self.masked_keys]
+        linear = list(self.linear)
+
+        @tf.function(reduce_retracing=True, autograph=False)
+        def tail(values: list[Any], pre: list[Any]) -> Any:
+            feed = dict(zip(fed, values, strict=True))
+            for m, value in zip(linear, pre, strict=True):
+                feed[id(m.node.outputs[0])] = m.node.layer.activation(value)
+            (outputs,) = self.graph.run(feed, self.graph.outputs[:1])
+            return outputs
+
+        def run(
+            pre: dict[int, np.ndarray],
+            masked: dict[TensorKey, np.ndarray],
+            outside: dict[TensorKey, np.ndarray],
+        ) -> np.ndarray:
+            arrays = [outside[k] for k in self.outside_keys] + [masked[k] for k in self.masked_keys]
+            values = [tf.convert_to_tensor(a) for a in arrays]
+            pres = [tf.convert_to_tensor(np.float32(pre[id(m.node)])) for m in linear]
+            return keras.ops.convert_to_numpy(tail(values, pres))
+
+        return run
 
     def _downstream_nodes(self, mixers: list[Mixer]) -> list[Any]:
         mixer_nodes = {id(m.node) for m in mixers}
@@ -104,13 +150,18 @@ class ChannelSweeper:
     # -- prefix: everything up to the mixers, once -------------------------------------------
 
     def _prefix(self, x: np.ndarray) -> tuple[np.ndarray, dict[TensorKey, np.ndarray]]:
-        keys = [self.path.profile_key, *sorted({*self.mixer_input_keys, *self.outside_keys})]
-        wanted = [self._tensor[k] for k in keys]
-        values = self.graph.run({self.input_key: x}, wanted)
-        profile = np.asarray(values[0], dtype=np.float64)
-        per_sample = profile.reshape(len(x), -1, profile.shape[-1]).mean(axis=1)
-        arrays = {k: np.asarray(v) for k, v in zip(keys[1:], values[1:], strict=True)}
+        values = self._prefix_model.predict(x, batch_size=self.batch_size, verbose=0)
+        values = values if isinstance(values, list) else [values]
+        per_sample = np.asarray(values[0], dtype=np.float64)
+        arrays = {k: np.asarray(v) for k, v in zip(self._prefix_keys, values[1:], strict=True)}
         return per_sample, arrays
+
+    def _rows_per_chunk(self, total: int) -> int:
+        """Samples swept together: as many as fit the budget, so the tail runs few times."""
+        keys = {*self.mixer_input_keys, *self.outside_keys}
+        per_sample = sum(4 * _size(self._tensor[k]) for k in keys)
+        per_sample += sum(8 * _size(m.node.outputs[0]) for m in self.linear)
+        return int(min(total, max(self.batch_size, SWEEP_CHUNK_BYTES // max(per_sample, 1))))
 
     def profile_and_sweep(
         self,
@@ -119,7 +170,7 @@ class ChannelSweeper:
         progress: Progress | None = None,
     ) -> tuple[Profile, Sweep]:
         """Profile on `profile_rows`, then predict every sample of `x` for every k."""
-        chunks = list(batched([x], self.batch_size))
+        chunks = list(batched([x], self._rows_per_chunk(len(x))))
         per_sample_parts: list[np.ndarray] = []
         stored: list[dict[TensorKey, np.ndarray]] | None = []
         used = 0
@@ -149,39 +200,78 @@ class ChannelSweeper:
     # -- tail: the mixers and what follows, once per k ----------------------------------------
 
     def _sweep_chunk(self, arrays: dict[TensorKey, np.ndarray], order: np.ndarray) -> np.ndarray:
-        # From everything pruned back to nothing pruned: the fully pruned point, where the
-        # outputs are nearly tied, is then exact, and rounding grows only as channels return.
-        pruned_all = np.asarray(order)
+        samples = len(next(iter(arrays.values())))
+        out = np.empty((len(order) + 1, samples), dtype=np.int64)
+        outside = {k: arrays[k] for k in self.outside_keys}
+        group = self._group_size(samples)
+        group = -(-(len(order) + 1) // -(-(len(order) + 1) // group))  # equal groups, one trace
+        pending: list[tuple[int, dict[int, np.ndarray]]] = []
+        for k, pre, masked in self._states(arrays, order):
+            if group == 1:
+                out[k] = self._tail(pre, masked, outside, order[:k])
+                continue
+            pending.append((k, {key: value.astype(np.float32) for key, value in pre.items()}))
+            if len(pending) == group or k == 0:
+                out[[k for k, _ in pending]] = self._tail_group(pending, outside, samples)
+                pending = []
+        return out
+
+    def _states(self, arrays: dict[TensorKey, np.ndarray], order: np.ndarray):
+        """(k, mixer pre-activations, masked inputs) for k from all channels pruned down to 0.
+
+        Going from everything pruned back to nothing pruned makes the fully pruned point, where
+        outputs are nearly tied, exact; rounding grows only as channels return.
+        """
         masked = {}
         for key in self.masked_keys:
             values = arrays[key].copy()
-            values[..., np.isin(self.path.feature_maps[key], pruned_all)] = 0.0
+            values[..., np.isin(self.path.feature_maps[key], order)] = 0.0
             masked[key] = values
-        outside = {k: arrays[k] for k in self.outside_keys}
-        samples = len(next(iter(arrays.values())))
-        out = np.empty((len(order) + 1, samples), dtype=np.int64)
         pre: dict[int, np.ndarray] = {}
-        for k in range(len(order), -1, -1):
-            if k < len(order):
-                channel = order[k]
-                for m in self.linear:
-                    features = m.feature_map == channel
-                    pre[id(m.node)] += self._contribution(m, arrays[m.input_key], features)
-                for key in self.masked_keys:
-                    back = self.path.feature_maps[key] == channel
-                    masked[key][..., back] = arrays[key][..., back]
-            else:
-                for m in self.linear:
-                    # Features from outside the pruned layer (Concatenate) never go.
-                    others = m.feature_map < 0
-                    if not others.any():
-                        others = m.feature_map == order[-1]
-                        base = 0.0 * self._contribution(m, arrays[m.input_key], others)
-                    else:
-                        base = self._contribution(m, arrays[m.input_key], others)
-                    pre[id(m.node)] = base + self._bias(m)
-            out[k] = self._tail(pre, masked, outside, order[:k])
-        return out
+        for m in self.linear:
+            others = m.feature_map < 0  # features from outside the pruned layer never go
+            base = self._contribution(m, arrays[m.input_key], others) if others.any() else 0.0
+            shape = (len(arrays[m.input_key]), *m.node.outputs[0].shape[1:])
+            pre[id(m.node)] = np.broadcast_to(base + self._bias(m), shape).astype(np.float64)
+        yield len(order), pre, masked
+        grouped = {
+            id(m.node): _ChannelMajor(m, arrays[m.input_key], self._kernel[id(m.node)])
+            for m in self.linear
+            if class_name(m.node.layer) == "Dense"
+        }
+        for k in range(len(order) - 1, -1, -1):
+            channel = order[k]
+            for m in self.linear:
+                if id(m.node) in grouped:
+                    pre[id(m.node)] += grouped[id(m.node)].contribution(channel)
+                    continue
+                features = m.feature_map == channel
+                pre[id(m.node)] += self._contribution(m, arrays[m.input_key], features)
+            for key in self.masked_keys:
+                back = self.path.feature_maps[key] == channel
+                masked[key][..., back] = arrays[key][..., back]
+            yield k, pre, masked
+
+    def _group_size(self, samples: int) -> int:
+        """How many values of k one call of the tail can take, stacked along the batch."""
+        if self._tail_fn is None or self.masked_keys or not self.linear:
+            return 1
+        per_k = samples * sum(4 * _size(m.node.outputs[0]) for m in self.linear)
+        per_k += samples * sum(4 * _size(self._tensor[k]) for k in self.outside_keys)
+        return int(max(1, min(64, TAIL_GROUP_BYTES // max(per_k, 1))))
+
+    def _tail_group(
+        self,
+        pending: list[tuple[int, dict[int, np.ndarray]]],
+        outside: dict[TensorKey, np.ndarray],
+        samples: int,
+    ) -> np.ndarray:
+        stacked = {
+            id(m.node): np.concatenate([pre[id(m.node)] for _, pre in pending]) for m in self.linear
+        }
+        tiled = {k: np.concatenate([v] * len(pending)) for k, v in outside.items()}
+        classes = predicted_classes(self._tail_fn(stacked, {}, tiled))
+        return classes.reshape(len(pending), samples)
 
     def _tail(
         self,
@@ -190,6 +280,8 @@ class ChannelSweeper:
         outside: dict[TensorKey, np.ndarray],
         pruned: np.ndarray,
     ) -> np.ndarray:
+        if self._tail_fn is not None:
+            return predicted_classes(self._tail_fn(pre, masked, outside))
         feed: dict[TensorKey, Any] = {**outside, **masked}
         for m in self.linear:
             activation = m.node.layer.activation
@@ -207,8 +299,31 @@ class ChannelSweeper:
     def _contribution(self, mixer: Mixer, x: np.ndarray, features: np.ndarray) -> np.ndarray:
         """The mixer's kernel product over the selected input features only."""
         index = np.flatnonzero(features)
-        kernel = keras.ops.convert_to_numpy(mixer.node.layer.kernel)[..., index, :]
+        kernel = self._kernel[id(mixer.node)][..., index, :]
         return np.asarray(_linear_op(mixer.node.layer, x[..., index], kernel), np.float64)
+
+
+class _ChannelMajor:
+    """A Dense mixer's input and kernel with each channel's features made contiguous.
+
+    After Flatten a channel's features are strided (c, c + C, c + 2C, ...); gathering them once
+    instead of once per k turns every contribution into a product of two plain slices.
+    """
+
+    def __init__(self, mixer: Mixer, x: np.ndarray, kernel: np.ndarray) -> None:
+        order = np.argsort(mixer.feature_map, kind="stable")
+        sorted_map = mixer.feature_map[order]
+        flat = x.reshape(-1, x.shape[-1])
+        self.shape = (*x.shape[:-1], kernel.shape[-1])
+        self.x = np.ascontiguousarray(flat[:, order])
+        self.kernel = np.ascontiguousarray(kernel[order])
+        channels = int(sorted_map.max()) + 1 if len(sorted_map) else 0
+        self.start = np.searchsorted(sorted_map, np.arange(channels), side="left")
+        self.stop = np.searchsorted(sorted_map, np.arange(channels), side="right")
+
+    def contribution(self, channel: int) -> np.ndarray:
+        a, b = self.start[channel], self.stop[channel]
+        return (self.x[:, a:b] @ self.kernel[a:b]).reshape(self.shape)
 
 
 def _linear_op(layer: Any, x: np.ndarray, kernel: Any) -> np.ndarray:
