@@ -209,6 +209,229 @@ def _print_summary(report, out: Path) -> None:
         console.print(f"[yellow]warning:[/] {warning}")
 
 
+# -- the service: submit, poll, download ------------------------------------------------------
+
+Url = Annotated[str | None, typer.Option("--url", envvar="FINEPRUNE_URL", help="API base URL.")]
+ApiKey = Annotated[
+    str | None, typer.Option("--api-key", envvar="FINEPRUNE_API_KEY", help="Bearer API key.")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the job resource as JSON.")]
+
+
+def _client(url: str | None, api_key: str | None):
+    from fineprune.client import Client
+
+    return Client(url, api_key)
+
+
+def _api_call(fn):
+    """Run a client call; turn API and connection errors into one line and a non-zero exit."""
+    import httpx
+
+    from fineprune.client import ApiError, JobFailed
+
+    try:
+        return fn()
+    except ApiError as exc:
+        fail(f"{exc.status} {exc.code}: {exc.message}")
+    except JobFailed as exc:
+        fail(str(exc))
+    except httpx.TransportError as exc:
+        fail(f"cannot reach the service: {exc}")
+    except TimeoutError as exc:
+        fail(str(exc))
+
+
+def _print_job(job, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(job.model_dump_json(indent=2) + "\n")
+        return
+    line = f"{job.id}  {job.state.value}"
+    if job.progress.stage and not job.state.final:
+        line += f"  {job.progress.stage} {job.progress.percent:.0f}%"
+    if job.error:
+        line += f"  {job.error.kind}: {job.error.message}"
+    if job.summary:
+        s = job.summary
+        line += (
+            f"  accuracy {s.clean_accuracy_before:.2%} -> {s.clean_accuracy_after:.2%}"
+            f" ({s.accuracy_split})"
+        )
+        if s.attack_success_before is not None and s.attack_success_after is not None:
+            line += f"  attack {s.attack_success_before:.2%} -> {s.attack_success_after:.2%}"
+    Console().print(line, highlight=False, soft_wrap=True)
+
+
+def _parse_settings(pairs: list[str], rescale: str | None) -> dict:
+    options: dict = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in FIELDS:
+            fail(f"--set {pair!r}: expected NAME=VALUE with NAME one of {', '.join(FIELDS)}", 2)
+        options[name] = value
+    if rescale is not None:
+        options["rescale"] = _parse_rescale(rescale)
+    return options
+
+
+@app.command()
+def submit(
+    model: Annotated[Path, typer.Argument(help="Untrusted model: a .keras or legacy .h5 file.")],
+    data: Annotated[Path, typer.Option("--data", help="Clean data .npz (x, y).")],
+    trigger_data: Annotated[
+        Path | None, typer.Option(help="Suspect triggered samples .npz.")
+    ] = None,
+    test_data: Annotated[
+        Path | None, typer.Option(help="Separate clean .npz to report on.")
+    ] = None,
+    rescale: Annotated[str | None, typer.Option(help=_help("rescale"))] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any sanitize option as NAME=VALUE, e.g. --set epochs=10."),
+    ] = None,
+    callback_url: Annotated[str | None, typer.Option(help="POSTed the job when it ends.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Retry-safe submit key.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job, with progress.")] = False,
+    out: Annotated[Path | None, typer.Option(help="With --wait: download the model here.")] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Submit a model to the service; with --wait, follow it to the end (exit 1 if it fails)."""
+    from pydantic import ValidationError
+
+    try:
+        options = SanitizeOptions(**_parse_settings(settings or [], rescale))
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), 2)
+    for label, path in (
+        ("model", model),
+        ("data", data),
+        ("trigger data", trigger_data),
+        ("test data", test_data),
+    ):
+        if path is not None and not path.is_file():
+            fail(f"{label} file {str(path)!r} does not exist", code=2)
+    with _client(url, api_key) as client:
+        job = _api_call(
+            lambda: client.submit(
+                model,
+                data,
+                trigger_data=trigger_data,
+                test_data=test_data,
+                options=options,
+                callback_url=callback_url,
+                idempotency_key=idempotency_key,
+            )
+        )
+        if wait:
+            job = _wait(client, job.id, quiet=as_json)
+            if out is not None:
+                _api_call(lambda: client.download_model(job.id, out))
+        _print_job(job, as_json)
+
+
+def _wait(client, job_id: str, quiet: bool):
+    if quiet:
+        return _api_call(lambda: client.wait(job_id))
+    with Progress(
+        TextColumn("{task.description:<24}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bars:
+        task = bars.add_task("queued", total=100.0)
+
+        def update(job) -> None:
+            stage = job.progress.stage or job.state.value
+            bars.update(task, completed=job.progress.percent, description=f"{job_id[:8]} {stage}")
+
+        return _api_call(lambda: client.wait(job_id, on_update=update))
+
+
+@app.command()
+def status(
+    job_id: Annotated[str | None, typer.Argument(help="A job id; none lists your jobs.")] = None,
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show one job, or list your jobs (newest first)."""
+    with _client(url, api_key) as client:
+        if job_id is not None:
+            _print_job(_api_call(lambda: client.get(job_id)), as_json)
+            return
+        page = _api_call(lambda: client.list(limit=50))
+        if as_json:
+            sys.stdout.write(page.model_dump_json(indent=2) + "\n")
+            return
+        for job in page.items:
+            _print_job(job, False)
+
+
+@app.command()
+def download(
+    job_id: Annotated[str, typer.Argument(help="A succeeded job.")],
+    out: Annotated[Path, typer.Option(help="File or directory for the model.")] = Path("."),
+    report: Annotated[bool, typer.Option(help="Also fetch report.html and report.json.")] = False,
+    url: Url = None,
+    api_key: ApiKey = None,
+) -> None:
+    """Download the sanitized model (and optionally the report)."""
+    with _client(url, api_key) as client:
+        path = _api_call(lambda: client.download_model(job_id, out))
+        Console().print(f"model: {path}", highlight=False)
+        if report:
+            folder = path.parent
+            html = _api_call(lambda: client.download_report(job_id, folder, "html"))
+            (folder / "report.json").write_text(
+                _api_call(lambda: client.report(job_id)).model_dump_json(indent=2)
+            )
+            Console().print(f"report: {html}", highlight=False)
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job to cancel and delete.")],
+    url: Url = None,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Cancel a queued or running job and delete its artifacts."""
+    with _client(url, api_key) as client:
+        _print_job(_api_call(lambda: client.cancel(job_id)), as_json)
+
+
+@app.command()
+def serve(
+    with_worker: Annotated[
+        bool, typer.Option(help="Also start one worker (embedded mode without REDIS_URL).")
+    ] = True,
+) -> None:
+    """Start the API (settings from the environment: REDIS_URL, ARTIFACTS_DIR, PORT...)."""
+    if with_worker:
+        from service.run import main as run_all
+
+        run_all()
+        return
+    import uvicorn
+
+    from jobs.settings import get_settings
+    from service.main import create_app
+
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Start a Celery worker; extra arguments go to `celery worker` (--queues ...)."""
+    from workers.app import app as celery_app
+
+    celery_app.worker_main(["worker", "--concurrency", "1", *ctx.args])
+
+
 @app.command("schema", hidden=True)
 def schema() -> None:
     """Print the JSON schema of the report."""
