@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint format bench run clean
+.PHONY: install test lint format bench run reproduce clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ format: install
 
 test: install lint  ## install, lint, and run the whole test suite
 	$(BIN)/python -m pytest -q
+
+run: install  ## start the API and one worker (embedded SQLite broker unless REDIS_URL is set)
+	$(BIN)/fineprune serve
 
 bench: install  ## time the fast sweep against the naive one on the seed CNN
 	$(BIN)/python -m bench.sweep_bench

@@ -166,3 +166,54 @@ def batched(arrays: Sequence[np.ndarray], batch_size: int) -> Iterable[list[np.n
     n = len(arrays[0])
     for start in range(0, n, batch_size):
         yield [a[start : start + batch_size] for a in arrays]
+
+
+def inline_nested_models(model: keras.Model) -> tuple[keras.Model, list[str]]:
+    """The same computation with every nested Sequential/Functional model spliced in.
+
+    A backbone wrapped as one layer hides its convolutions from the graph walk; inlining shares
+    the layer objects (and so the weights) and returns the names of the models it dissolved.
+    """
+    graph = ModelGraph(model)
+    nested = [n for n in graph.nodes if isinstance(n.layer, keras.Model)]
+    if not nested:
+        return model, []
+    new_inputs = [
+        keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=f"{model.name}_input_{i}")
+        for i, t in enumerate(graph.inputs)
+    ]
+    values: dict[TensorKey, Any] = {
+        id(t): new for t, new in zip(graph.inputs, new_inputs, strict=True)
+    }
+    inlined: list[str] = []
+    _replay(graph, values, inlined)
+    outputs = [values[id(t)] for t in graph.outputs]
+    flat = keras.Model(new_inputs, outputs, name=model.name)
+    names = [layer.name for layer in flat.layers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PruningError(
+            f"nested models share layer names ({', '.join(duplicates[:5])}); cannot inline them"
+        )
+    return flat, inlined
+
+
+def _replay(graph: ModelGraph, values: dict[TensorKey, Any], inlined: list[str]) -> None:
+    for gnode in graph.nodes:
+        args, kwargs = gnode.node.arguments.fill_in(values)
+        if isinstance(gnode.layer, keras.Model):
+            inner = ModelGraph(gnode.layer)
+            given = [
+                v for v in keras.tree.flatten((args, kwargs)) if isinstance(v, keras.KerasTensor)
+            ]
+            if len(given) != len(inner.inputs):
+                raise PruningError(f"cannot inline nested model {gnode.name!r}")
+            for tensor, value in zip(inner.inputs, given, strict=True):
+                values[id(tensor)] = value
+            _replay(inner, values, inlined)
+            results = [values[id(t)] for t in inner.outputs]
+            inlined.append(gnode.name)
+        else:
+            results = keras.tree.flatten(gnode.layer(*args, **kwargs))
+        for tensor, value in zip(gnode.outputs, results, strict=True):
+            values[id(tensor)] = value

@@ -30,7 +30,7 @@ from fineprune.data import (
 from fineprune.errors import CancelledError, InvalidModelError
 from fineprune.evaluation import output_kind, predict, rate
 from fineprune.finetune import FineTuneSettings, fine_tune
-from fineprune.graph import ModelGraph
+from fineprune.graph import ModelGraph, inline_nested_models
 from fineprune.loading import load_untrusted_model, save_model, sha256_file
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, cut
@@ -106,6 +106,14 @@ def sanitize(
     with run.stage("load"):
         model, info = load_untrusted_model(inputs.model_path)
         signature = _signature(model)
+        original_parameters = count_parameters(model)
+        if options.prunes:
+            model, inlined = inline_nested_models(model)
+            if inlined:
+                warnings.append(
+                    f"nested model(s) {', '.join(inlined)} were inlined so that their layers "
+                    "can be pruned; the sanitized model is one flat model"
+                )
         splits = _load_splits(inputs, signature, options, warnings)
 
     with run.stage("profile") as report_progress:
@@ -171,7 +179,7 @@ def sanitize(
                 sha256=sha256_file(inputs.model_path),
                 format=info.format,
                 bytes=inputs.model_path.stat().st_size,
-                parameters=count_parameters(model),
+                parameters=original_parameters,
             ),
             output_model=ModelFile(
                 sha256=sha256_file(model_out),

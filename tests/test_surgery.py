@@ -19,7 +19,7 @@ from factories import (
 
 from fineprune.channels import trace_channels
 from fineprune.errors import PruningError
-from fineprune.graph import ModelGraph
+from fineprune.graph import ModelGraph, inline_nested_models
 from fineprune.surgery import cut
 from fineprune.sweep import ChannelSweeper, masked_predict, naive_sweep
 
@@ -213,3 +213,33 @@ def test_architectures_cover_what_the_issue_lists():
         residual_block.__name__,
         separate_activation.__name__,
     }
+
+
+def test_nested_backbone_is_inlined_and_pruned(inputs: np.ndarray, tmp_path: Path):
+    keras.utils.set_random_seed(1)
+    backbone = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(6, 3, activation="relu", name="inner_conv"),
+            keras.layers.BatchNormalization(name="inner_bn"),
+        ],
+        name="backbone",
+    )
+    x_in = keras.Input((16, 16, 3))
+    x = keras.layers.MaxPooling2D(name="pool")(backbone(x_in))
+    out = keras.layers.Dense(4, name="head")(keras.layers.Flatten(name="flat")(x))
+    model = keras.Model(x_in, out)
+    randomize_batchnorm(backbone)
+
+    flat, inlined = inline_nested_models(model)
+    assert inlined == ["backbone"]
+    np.testing.assert_allclose(flat.predict(inputs, verbose=0), model.predict(inputs, verbose=0))
+    path = trace_channels(ModelGraph(flat), None)
+    assert path.layer.name == "inner_conv"
+    pruned = np.array([1, 4])
+    result = cut(flat, path, pruned)
+    np.testing.assert_allclose(
+        result.model.predict(inputs, verbose=0), masked_predict(path, inputs, pruned), atol=1e-5
+    )
+    result.model.save(tmp_path / "flat.keras")
+    assert keras.models.load_model(tmp_path / "flat.keras").get_layer("inner_conv").filters == 4
