@@ -121,6 +121,27 @@ class JobPage(BaseModel):
 class ErrorBody(BaseModel):
     """Every 4xx/5xx body: a code a program can switch on and a message a person can read."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": "unsafe_model",
+                    "message": "layer 'lambda_1' is a Lambda layer: it would run code from the "
+                    "file",
+                    "detail": [
+                        {
+                            "loc": ["body", "model"],
+                            "msg": "layer 'lambda_1' is a Lambda layer: it would run code "
+                            "from the file",
+                            "type": "unsafe_model",
+                        }
+                    ],
+                },
+                {"error": "not_found", "message": "no job '3f2b9c1e6a7d4e0f9b8a7c6d5e4f3a2b'"},
+            ]
+        }
+    )
+
     error: str
     message: str
     detail: list[dict] | None = None

@@ -1,0 +1,1 @@
+"""The REST API (FastAPI): accepts jobs, serves their state and results."""

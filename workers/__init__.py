@@ -1,0 +1,1 @@
+"""Celery workers that run sanitize jobs (`celery -A workers.app worker`)."""

@@ -1,0 +1,170 @@
+"""Cheap checks of uploaded inputs, run by the API before a job is queued.
+
+They read the model's container and config, the .npz directory and the .npy headers, and no
+array data: a bad upload is refused in milliseconds instead of minutes later in a worker.
+No TensorFlow or Keras here; the engine repeats every check when it really loads the data.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from fineprune.data import check_npz_container
+from fineprune.errors import FinePruneError, InvalidDataError
+from fineprune.inspection import ModelFileInfo, inspect_model_file
+
+MIN_CLEAN_SAMPLES = 20
+
+
+class InputRejected(Exception):
+    """An upload that cannot make a job: which form field, what kind, and why."""
+
+    def __init__(self, field: str, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def check_model(path: Path) -> ModelFileInfo:
+    """Format by magic bytes, container limits, and the layer allowlist."""
+    try:
+        return inspect_model_file(path)
+    except FinePruneError as exc:
+        raise InputRejected("model", exc.kind, exc.message) from exc
+
+
+def read_npz_headers(path: Path, role: str, wanted: set[str]) -> dict[str, ArrayHeader]:
+    """Shapes and dtypes of the wanted members, read from their .npy headers only."""
+    names = check_npz_container(path, role)
+    headers: dict[str, ArrayHeader] = {}
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        for name in names:
+            if name not in wanted:
+                continue
+            with archive.open(members[name]) as fp:
+                headers[name] = _npy_header(fp, role, name)
+    return headers
+
+
+def _npy_header(fp: IO[bytes], role: str, name: str) -> ArrayHeader:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(fp)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidDataError(f"{role} data member {name!r} is not a .npy array: {exc}") from exc
+    if dtype.hasobject:
+        raise InvalidDataError(
+            f"{role} data member {name!r} holds Python objects (pickle); refused"
+        )
+    return ArrayHeader(tuple(int(d) for d in shape), dtype)
+
+
+def _check_x(x: ArrayHeader, role: str, input_shape: tuple[int | None, ...] | None) -> None:
+    if x.dtype.kind not in "uif":
+        raise InvalidDataError(f"{role} x has dtype {x.dtype}; expected numbers")
+    if len(x.shape) < 1 or x.shape[0] == 0:
+        raise InvalidDataError(f"{role} x holds no samples")
+    if input_shape is None:
+        return
+    expected = tuple(input_shape[1:])
+    got = x.shape[1:]
+    fits = len(got) == len(expected) and all(
+        e is None or e == g for e, g in zip(expected, got, strict=True)
+    )
+    if not fits:
+        shown = tuple("any" if e is None else e for e in expected)
+        raise InvalidDataError(
+            f"{role} x has shape {x.shape}, i.e. samples of shape {got}, "
+            f"but the model expects samples of shape {shown}"
+        )
+
+
+def _check_labels(
+    y: ArrayHeader, n: int, role: str, key: str, units: int | None, scalar_ok: bool
+) -> None:
+    if y.dtype.kind not in "iuf":
+        raise InvalidDataError(f"{role} {key} has dtype {y.dtype}; expected integer labels")
+    if scalar_ok and int(np.prod(y.shape)) == 1:
+        return
+    if y.shape[:1] != (n,):
+        count = y.shape[0] if y.shape else 0
+        raise InvalidDataError(f"{role} has {n} samples in x but {count} labels in {key}")
+    if len(y.shape) == 2 and units is not None and y.shape[1] != max(units, 2):
+        raise InvalidDataError(
+            f"{role} {key} is one-hot with {y.shape[1]} columns but the model has "
+            f"{max(units, 2)} outputs"
+        )
+    if len(y.shape) > 2:
+        raise InvalidDataError(f"{role} {key} has shape {y.shape}; expected (samples,)")
+
+
+def check_labelled(path: Path, role: str, field: str, info: ModelFileInfo) -> int:
+    """Clean or test data: members `x` and `y` that fit the model; returns the sample count."""
+    try:
+        headers = read_npz_headers(path, role, {"x", "y"})
+        missing = [k for k in ("x", "y") if k not in headers]
+        if missing:
+            raise InvalidDataError(
+                f"{role} data lacks {', '.join(repr(m) for m in missing)}; "
+                "an .npz with arrays 'x' and 'y' is expected"
+            )
+        _check_x(headers["x"], role, info.input_shape)
+        n = headers["x"].shape[0]
+        _check_labels(headers["y"], n, role, "y", info.output_units, scalar_ok=False)
+    except FinePruneError as exc:
+        raise InputRejected(field, exc.kind, exc.message) from exc
+    return n
+
+
+def check_trigger(path: Path, info: ModelFileInfo) -> int:
+    """Trigger data: `x` and the attacker's target, `y_target` or `target` (one or per row)."""
+    try:
+        headers = read_npz_headers(path, "trigger", {"x", "y_target", "target"})
+        key = "y_target" if "y_target" in headers else "target"
+        if "x" not in headers or key not in headers:
+            raise InvalidDataError(
+                "trigger data needs arrays 'x' and 'y_target' (or 'target'); "
+                f"it holds {', '.join(repr(k) for k in headers) or 'none of them'}"
+            )
+        _check_x(headers["x"], "trigger", info.input_shape)
+        n = headers["x"].shape[0]
+        _check_labels(headers[key], n, "trigger", key, info.output_units, scalar_ok=True)
+    except FinePruneError as exc:
+        raise InputRejected("trigger_data", exc.kind, exc.message) from exc
+    return n
+
+
+def check_inputs(paths: dict[str, Path]) -> ModelFileInfo:
+    """Every cheap check of one submission; raises InputRejected naming the bad field."""
+    info = check_model(paths["model"])
+    n = check_labelled(paths["data"], "clean", "data", info)
+    if n < MIN_CLEAN_SAMPLES:
+        raise InputRejected(
+            "data",
+            InvalidDataError.kind,
+            f"clean data has {n} samples; at least {MIN_CLEAN_SAMPLES} are needed",
+        )
+    if "test_data" in paths:
+        check_labelled(paths["test_data"], "test", "test_data", info)
+    if "trigger_data" in paths:
+        check_trigger(paths["trigger_data"], info)
+    return info

@@ -1,0 +1,151 @@
+"""Every knob of the API and the workers, read once from the environment.
+
+Both processes build the same `Settings`, so the API and the workers agree on where artifacts
+live, which broker to use and how long a job may run. Names take the prefix `FINEPRUNE_`;
+`REDIS_URL`, `ARTIFACTS_DIR` and `PORT` are accepted bare too, as platforms set them that way.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024**2
+
+
+def _env(name: str, *bare: str) -> AliasChoices:
+    """Accept `FINEPRUNE_<NAME>` and bare aliases; kwargs use the field name."""
+    return AliasChoices(f"FINEPRUNE_{name.upper()}", *bare)
+
+
+class Settings(BaseSettings):
+    """The service's configuration; see each field's description."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FINEPRUNE_",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+        hide_input_in_errors=True,  # keys and secrets must not reach startup logs
+    )
+
+    redis_url: str | None = Field(
+        None,
+        validation_alias=_env("redis_url", "REDIS_URL"),
+        description="Broker and result backend. None: embedded mode, Celery's SQLAlchemy "
+        "transport over SQLite files in the artifacts dir.",
+    )
+    artifacts_dir: Path = Field(
+        Path("./var/artifacts"),
+        validation_alias=_env("artifacts_dir", "ARTIFACTS_DIR"),
+        description="Uploads, results, job records (and the SQLite broker in embedded mode).",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer keys. None configured means open mode.",
+    )
+    open_mode: bool = Field(
+        False, description="Accept requests without a key (all jobs belong to owner 'open')."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, validation_alias=_env("port", "PORT"), ge=1, le=65535)
+    public_url: str = Field(
+        "", description="Prefix for links in callbacks, e.g. https://fineprune.example.com."
+    )
+
+    max_model_bytes: int = Field(512 * MiB, ge=1, description="Cap of the model part (413).")
+    max_data_bytes: int = Field(
+        1024 * MiB, ge=1, description="Cap of each data part: data, trigger_data, test_data (413)."
+    )
+    max_field_bytes: int = Field(64 * 1024, ge=1, description="Cap of each non-file form field.")
+
+    task_soft_time_limit: int = Field(3600, ge=1, description="Seconds; the job fails 'timeout'.")
+    task_time_limit: int = Field(3900, ge=1, description="Seconds; the worker child is killed.")
+    visibility_timeout: int = Field(
+        4200,
+        ge=1,
+        description="Seconds before Redis hands an unacknowledged job to another worker; must "
+        "exceed task_time_limit, or a slow job would run twice at once.",
+    )
+    unacked_restore_interval: int = Field(
+        10, ge=1, description="Seconds between the workers' sweeps for abandoned jobs."
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="Deliveries before a job that keeps killing workers is failed."
+    )
+    progress_interval: float = Field(
+        1.0, ge=0.0, description="Least seconds between two progress writes of one job."
+    )
+
+    callback_secret: str | None = Field(
+        None, description="HMAC key for callback signatures; callbacks are refused without it."
+    )
+    callback_allow_private: bool = Field(
+        False, description="Allow callbacks to loopback and private addresses (tests, LANs)."
+    )
+    callback_max_attempts: int = Field(6, ge=1, le=20)
+
+    retention_days: float = Field(
+        7.0, gt=0, description="Artifacts of finished jobs older than this are deleted."
+    )
+    cpu_queue: str = "fineprune"
+    gpu_queue: str = "fineprune-gpu"
+    use_gpu_queue: bool = Field(False, description="Send new jobs to the GPU queue.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> Settings:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("task_soft_time_limit must be below task_time_limit")
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                "visibility_timeout must exceed task_time_limit: otherwise Redis redelivers a "
+                "job that is still running"
+            )
+        return self
+
+    @property
+    def is_open(self) -> bool:
+        """Open mode: asked for, or no key configured."""
+        return self.open_mode or not self.api_keys
+
+    @property
+    def embedded(self) -> bool:
+        return not self.redis_url
+
+    @property
+    def state_dir(self) -> Path:
+        """Records, cancel markers, idempotency keys and the embedded broker's files."""
+        return self.artifacts_dir / "state"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Root of the local artifact store: one folder per job."""
+        return self.artifacts_dir / "jobs"
+
+    @property
+    def submit_queue(self) -> str:
+        return self.gpu_queue if self.use_gpu_queue else self.cpu_queue
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Whole-body cap: every part at its cap, plus room for the small fields."""
+        return self.max_model_bytes + 3 * self.max_data_bytes + 16 * self.max_field_bytes + MiB
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once."""
+    return Settings()

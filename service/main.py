@@ -1,0 +1,127 @@
+"""The API app factory, and `app` for `uvicorn service.main:app`.
+
+This process never imports TensorFlow or Keras: it only checks uploads with the engine's
+static inspection and queues jobs by task name. A test asserts it stays that way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from importlib import metadata
+
+from fastapi import Depends, FastAPI, Request, Response
+
+from jobs.queue import JobQueue
+from jobs.records import FileRecordStore
+from jobs.settings import Settings, get_settings
+from jobs.storage import ArtifactStore, LocalArtifactStore
+from service.errors import install_error_handlers
+from service.metrics import build_registry
+from service.routes import health, jobs
+
+log = logging.getLogger("fineprune.api")
+
+DESCRIPTION = """\
+Removes backdoors from untrusted Keras 3 models by fine-pruning.
+
+Submit a model with clean data (`POST /v1/jobs`), poll the job (`GET /v1/jobs/{id}`) until it
+has `succeeded`, then download the sanitized model and the report. Authenticate with
+`Authorization: Bearer <key>`; every job is visible only to the key that made it.
+"""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("fineprune")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _remember_route(request: Request) -> None:
+    """Note the matched route's template for the request counter (bounded label values)."""
+    route = request.scope.get("route")
+    request.state.route_template = getattr(route, "path", "unmatched")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: ArtifactStore | None = None,
+    records: FileRecordStore | None = None,
+    queue: JobQueue | None = None,
+) -> FastAPI:
+    """Build the API; pass implementations to replace the local store, records or queue."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.is_open and not _is_loopback(settings.host):
+            log.warning("open mode on %s: anyone who can reach it can submit jobs", settings.host)
+        yield
+
+    app = FastAPI(
+        title="fineprune",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(_remember_route)],
+        openapi_tags=[
+            {"name": "jobs", "description": "Sanitize jobs: submit, poll, download, cancel."},
+            {"name": "health", "description": "Probes and metrics."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.store = store or LocalArtifactStore(settings.jobs_dir)
+    app.state.records = records or FileRecordStore(settings.state_dir)
+    app.state.queue = queue or JobQueue(settings)
+    app.state.registry, requests_total = build_registry(app.state.records, app.state.queue)
+
+    @app.middleware("http")
+    async def count_and_harden(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        request.state.route_template = "unmatched"  # the route's dependency overwrites it
+        response = await call_next(request)
+        template = request.state.route_template
+        requests_total.labels(request.method, template, str(response.status_code)).inc()
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`service.main:app`, built on first use so importing the module has no side effects."""
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)
+
+
+def main() -> None:
+    """`python -m service.main`: serve on the configured host and port."""
+    import uvicorn
+
+    settings = get_settings()
+    logging.basicConfig(level=logging.INFO)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, proxy_headers=False)
+
+
+if __name__ == "__main__":
+    main()

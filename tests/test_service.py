@@ -1,0 +1,572 @@
+"""The REST service end to end, against real parts: Redis, uvicorn, Celery prefork workers.
+
+One API and one worker serve the module (Redis DB 9, flushed before and after); the
+worker-loss test kills that worker's whole process group mid-job and starts another; the
+embedded-mode test runs its own API and worker on the SQLite broker. Models are tiny and
+jobs run two epochs, so the whole module stays within a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from factories import save_npz, textures, train_backdoored, trigger_set
+from hostile_models import save_lambda_model
+from service_helpers import (
+    API_KEY,
+    CALLBACK_SECRET,
+    OTHER_KEY,
+    ROOT,
+    CallbackReceiver,
+    Observed,
+    Proc,
+    final,
+    free_port,
+    loaded_libraries,
+    multipart_files,
+    poll_job,
+    raw_request,
+    read_record,
+    service_env,
+    start_api,
+    start_worker,
+    wait_api,
+    wait_until,
+    wait_worker,
+)
+
+from jobs import lifecycle
+from jobs.callbacks import verify
+from jobs.records import FileRecordStore, JobRecord, now
+from jobs.retention import purge_expired
+from jobs.settings import Settings
+from jobs.storage import LocalArtifactStore
+from schemas.jobs import JobResource, JobState
+from schemas.options import SanitizeOptions
+from schemas.report import SanitizeReport
+
+REDIS_URL = "redis://127.0.0.1:6379/9"
+MiB = 1024**2
+# Short limits so a killed worker's job comes back within half a minute. The visibility
+# timeout must exceed the hard limit (Settings refuses otherwise).
+LIMITS = {
+    "task_soft_time_limit": 24,
+    "task_time_limit": 27,
+    "visibility_timeout": 30,
+    "unacked_restore_interval": 1,
+    "progress_interval": 0.2,
+    "max_model_bytes": 1 * MiB,
+    "max_data_bytes": 1 * MiB,
+}
+FAST = {"epochs": 2, "patience": 2}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("service-inputs")
+    train_backdoored(seed=0).save(root / "model.keras")
+    x, y = textures(240, seed=100)
+    xt, yt = trigger_set(100, seed=200)
+    save_lambda_model(root / "lambda.keras", root / "marker")
+    (root / "not_a_model.keras").write_bytes(b"this is not a model, just text\n" * 10)
+    big = np.random.default_rng(0).random((400, 16, 16, 3)).astype(np.float32)  # 1.2 MiB
+    return {
+        "model": root / "model.keras",
+        "clean": save_npz(root / "clean.npz", x=x, y=y),
+        "clean2": save_npz(root / "clean2.npz", x=x[:200], y=y[:200]),
+        "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
+        "lambda": root / "lambda.keras",
+        "not_a_model": root / "not_a_model.keras",
+        "bad_shape": save_npz(root / "bad_shape.npz", x=x[:, :8], y=y),
+        "no_target": save_npz(root / "no_target.npz", x=xt),
+        "big": save_npz(root / "big.npz", x=big, y=np.arange(400) % 4),
+    }
+
+
+@dataclass
+class Stack:
+    """A running API and worker, and how to talk to them."""
+
+    base_url: str
+    port: int
+    artifacts: Path
+    env: dict[str, str]
+    logs: Path
+    api: Proc
+    worker: Proc
+    spare: list[Proc] = field(default_factory=list)
+
+    def client(self, key: str | None = API_KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60.0)
+
+    def submit(
+        self,
+        client: httpx.Client,
+        parts: dict[str, Path],
+        options: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> httpx.Response:
+        data = {"options": json.dumps(options)} if options is not None else {}
+        data.update({k: str(v) for k, v in extra.pop("fields", {}).items()})
+        return client.post("/v1/jobs", files=multipart_files(parts), data=data, **extra)
+
+    def job_dirs(self) -> set[str]:
+        jobs = self.artifacts / "jobs"
+        if not jobs.exists():
+            return set()
+        return {p.name for p in jobs.iterdir() if not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def redis_db() -> Iterator[None]:
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    client.flushdb()  # DB 9 belongs to these tests
+    yield
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_db: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("service-redis")
+    artifacts, logs = root / "artifacts", root / "logs"
+    logs.mkdir()
+    env = service_env(
+        artifacts,
+        REDIS_URL,
+        api_keys=f"{API_KEY},{OTHER_KEY}",
+        callback_secret=CALLBACK_SECRET,
+        callback_allow_private="true",
+        **LIMITS,
+    )
+    port = free_port()
+    api = start_api(env, port, logs / "api.log")
+    worker = start_worker(env, logs / "worker-1.log", "worker1")
+    running = Stack(f"http://127.0.0.1:{port}", port, artifacts, env, logs, api, worker)
+    try:
+        wait_api(running.base_url, api)
+        wait_worker(worker)
+        yield running
+    finally:
+        for proc in (running.worker, *running.spare, api):
+            proc.stop()
+
+
+@dataclass
+class DoneJob:
+    id: str
+    observed: Observed
+    callbacks: CallbackReceiver
+
+
+@pytest.fixture(scope="module")
+def done_job(stack: Stack, files: dict[str, Path]) -> DoneJob:
+    """A backdoored model sanitized through the service, with a callback that fails once."""
+    receiver = CallbackReceiver(fail_first=1)
+    with receiver.running(), stack.client() as client:
+        response = stack.submit(
+            client,
+            {"model": files["model"], "data": files["clean"], "trigger_data": files["trigger"]},
+            FAST,
+            fields={"callback_url": receiver.url},
+        )
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        assert response.headers["location"] == f"/v1/jobs/{job_id}"
+        observed = Observed()
+        poll_job(client, job_id, final, timeout=120, observed=observed, interval=0.1)
+        wait_until(lambda: len(receiver.received) >= 2, 30, "the callback to be retried")
+    return DoneJob(job_id, observed, receiver)
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+def test_api_and_worker_main_process_never_import_tensorflow(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "import service.main\n"
+        "client = TestClient(service.main.app)\n"
+        "assert client.get('/healthz').status_code == 200\n"
+        "assert client.get('/openapi.json').status_code == 200\n"
+        "assert client.get('/v1/jobs').status_code == 200\n"
+        "import workers.app, workers.tasks  # the worker's main process, before forking\n"
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    env = service_env(tmp_path / "artifacts", None)
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_submit_poll_and_download(stack: Stack, done_job: DoneJob, tmp_path: Path) -> None:
+    import keras
+
+    with stack.client() as client:
+        body = client.get(f"/v1/jobs/{done_job.id}").json()
+        assert body["state"] == "succeeded", body
+        JobResource.model_validate(body)
+        assert body["attempts"] == 1 and body["error"] is None
+        assert body["progress"] == {"stage": "report", "percent": 100.0}
+        summary = body["summary"]
+        assert summary["parameters_after"] < summary["parameters_before"]
+        assert summary["attack_success_before"] is not None
+        assert {i["role"] for i in body["inputs"]} == {"model", "data", "trigger_data"}
+
+        # Progress was visible while it ran, stage by stage and monotonic.
+        running = [s for s in done_job.observed.snapshots if s[0] == "running" and s[1]]
+        assert running, done_job.observed.snapshots
+        percents = [p for _, _, p in running]
+        assert percents == sorted(percents) and any(0 < p < 100 for p in percents)
+
+        model = client.get(f"/v1/jobs/{done_job.id}/model")
+        assert model.status_code == 200
+        assert model.headers["content-disposition"].startswith("attachment; filename=")
+        etag = model.headers["etag"]
+        path = tmp_path / "sanitized.keras"
+        path.write_bytes(model.content)
+        sanitized = keras.models.load_model(path)
+        x, _ = textures(8, seed=7)
+        assert sanitized.predict(x, verbose=0).shape == (8, 4)
+        again = client.get(f"/v1/jobs/{done_job.id}/model", headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.headers["etag"] == etag
+
+        report = client.get(f"/v1/jobs/{done_job.id}/report")
+        assert report.status_code == 200
+        parsed = SanitizeReport.model_validate_json(report.content)
+        assert f'"{parsed.output_model.sha256}"' == etag
+        html = client.get(f"/v1/jobs/{done_job.id}/report.html")
+        assert html.headers["content-type"].startswith("text/html") and "<html" in html.text
+        assert "default-src 'none'" in html.headers["content-security-policy"]
+        png = client.get(f"/v1/jobs/{done_job.id}/report.png")
+        assert png.headers["content-type"] == "image/png" and png.content[:4] == b"\x89PNG"
+
+        page = client.get("/v1/jobs", params={"limit": 100}).json()
+        assert done_job.id in [item["id"] for item in page["items"]]
+
+        metrics = client.get("/metrics").text
+        assert 'fineprune_jobs{state="succeeded"}' in metrics
+        assert 'fineprune_stage_duration_seconds_count{stage="fine-tune"}' in metrics
+        assert "fineprune_queue_depth" in metrics
+
+    # The API process served all that without loading TensorFlow.
+    assert "tensorflow" not in loaded_libraries(stack.api.popen.pid)
+
+
+def test_callback_is_signed_and_retried(stack: Stack, done_job: DoneJob) -> None:
+    receiver = done_job.callbacks
+    assert receiver.answers[:2] == [503, 204]
+    headers, body = receiver.received[1]
+    assert verify(CALLBACK_SECRET, body, headers["X-Fineprune-Signature"])
+    assert not verify("another secret", body, headers["X-Fineprune-Signature"])
+    sent = json.loads(body)
+    assert sent["id"] == done_job.id and sent["state"] == "succeeded"
+    record = read_record(stack.artifacts, done_job.id)
+    assert record["callback"]["attempts"] == 2 and record["callback"]["delivered_at"]
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_bad_uploads_are_refused_at_once(stack: Stack, files: dict[str, Path]) -> None:
+    good = {"model": files["model"], "data": files["clean"]}
+    before = stack.job_dirs()
+
+    def refused(parts: dict[str, Path], status: int, options: dict | None = None) -> dict:
+        with stack.client() as client:
+            response = stack.submit(client, parts, options)
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["error"] and body["message"], body
+        return body
+
+    body = refused({**good, "model": files["lambda"]}, 422)
+    assert body["error"] == "unsafe_model" and "'lambda_1' is a Lambda layer" in body["message"]
+    assert body["detail"][0]["loc"] == ["body", "model"]
+
+    body = refused({**good, "data": files["bad_shape"]}, 422)
+    assert body["error"] == "invalid_data" and "shape" in body["message"]
+    assert body["detail"][0]["loc"] == ["body", "data"]
+
+    body = refused({**good, "model": files["not_a_model"]}, 422)
+    assert body["error"] == "invalid_model"
+
+    body = refused({"model": files["model"]}, 422)
+    assert body["error"] == "missing_field" and "'data'" in body["message"]
+
+    body = refused({**good, "trigger_data": files["no_target"]}, 422)
+    assert "y_target" in body["message"] and body["detail"][0]["loc"] == ["body", "trigger_data"]
+
+    body = refused(good, 422, {"epochs": -1})
+    assert body["detail"][0]["loc"] == ["body", "options", "epochs"]
+
+    body = refused({**good, "data": files["big"]}, 413)  # over the 1 MiB part cap, streamed
+    assert "'data'" in body["message"]
+
+    # A declared Content-Length over the whole-request cap is refused before the body is read.
+    status, text = raw_request(
+        stack.port,
+        f"POST /v1/jobs HTTP/1.1\nHost: x\nAuthorization: Bearer {API_KEY}\n"
+        "Content-Type: multipart/form-data; boundary=b\nContent-Length: 99999999999\n\n",
+    )
+    assert status == 413 and json.loads(text)["error"] == "too_large"
+
+    with stack.client() as client:
+        not_multipart = client.post("/v1/jobs", json={"model": "x"})
+        assert not_multipart.status_code == 415 and not_multipart.json()["error"]
+        unknown = client.post("/v1/jobs", files=multipart_files({**good, "extra": files["clean"]}))
+        assert unknown.status_code == 422 and "extra" in unknown.json()["message"]
+        nested = client.post(
+            "/v1/jobs", files=multipart_files(good), data={"options": "[" * 60_000}
+        )
+        assert nested.status_code == 422 and nested.json()["detail"][0]["loc"][-1] == "options"
+        garbage = client.post(
+            "/v1/jobs",
+            content=b"--b\r\nnot a header line\r\n" * 50,
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+        )
+        assert garbage.status_code == 400 and garbage.json()["error"] == "bad_request"
+        assert client.get("/v1/jobs", params={"cursor": "nonsense"}).status_code == 422
+        assert client.get("/v1/jobs", params={"limit": 0}).json()["error"] == "validation_error"
+
+    # Nothing of the refused uploads was kept.
+    assert stack.job_dirs() == before
+
+
+def test_jobs_are_private_to_their_key(stack: Stack, done_job: DoneJob) -> None:
+    with stack.client(OTHER_KEY) as other:
+        for path in ("", "/report", "/report.html", "/report.png", "/model"):
+            response = other.get(f"/v1/jobs/{done_job.id}{path}")
+            assert response.status_code == 404, path
+            assert response.json()["error"] == "not_found"
+        assert other.delete(f"/v1/jobs/{done_job.id}").status_code == 404
+        ids = [item["id"] for item in other.get("/v1/jobs").json()["items"]]
+        assert done_job.id not in ids
+    with stack.client(None) as anonymous:
+        response = anonymous.get(f"/v1/jobs/{done_job.id}")
+        assert response.status_code == 401 and response.json()["error"] == "unauthorized"
+        assert anonymous.post("/v1/jobs").status_code == 401
+    with stack.client("wrong-key") as wrong:
+        assert wrong.get("/v1/jobs").status_code == 401
+
+
+def test_results_of_an_unfinished_job_are_409(stack: Stack, files: dict[str, Path]) -> None:
+    with stack.client() as client:
+        response = stack.submit(client, {"model": files["model"], "data": files["clean"]}, FAST)
+        job_id = response.json()["id"]
+        conflict = client.get(f"/v1/jobs/{job_id}/model")
+        assert conflict.status_code == 409 and conflict.json()["error"] == "not_succeeded"
+        client.delete(f"/v1/jobs/{job_id}")
+        poll_job(client, job_id, final, timeout=60)
+
+
+# --------------------------------------------------------------------------- idempotency, cancel
+
+
+def test_idempotency_key(stack: Stack, files: dict[str, Path]) -> None:
+    parts = {"model": files["model"], "data": files["clean"]}
+    headers = {"Idempotency-Key": "submit-42"}
+    with stack.client() as client:
+        first = stack.submit(client, parts, FAST, headers=headers)
+        assert first.status_code == 202, first.text
+        job_id = first.json()["id"]
+        replay = stack.submit(client, parts, FAST, headers=headers)
+        assert replay.status_code == 200 and replay.json()["id"] == job_id
+        assert replay.headers["location"] == f"/v1/jobs/{job_id}"
+        other_options = stack.submit(client, parts, {**FAST, "seed": 1}, headers=headers)
+        assert other_options.status_code == 422
+        assert other_options.json()["error"] == "idempotency_mismatch"
+        other_data = stack.submit(client, {**parts, "data": files["clean2"]}, FAST, headers=headers)
+        assert other_data.status_code == 422
+        # The same key from another caller is another key.
+        with stack.client(OTHER_KEY) as other:
+            theirs = stack.submit(other, parts, FAST, headers=headers)
+            assert theirs.status_code == 202 and theirs.json()["id"] != job_id
+            other.delete(f"/v1/jobs/{theirs.json()['id']}")
+        client.delete(f"/v1/jobs/{job_id}")
+        poll_job(client, job_id, final, timeout=60)
+    assert job_id not in stack.job_dirs()
+
+
+def test_cancel_a_running_job(stack: Stack, files: dict[str, Path]) -> None:
+    with stack.client() as client:
+        response = stack.submit(
+            client,
+            {"model": files["model"], "data": files["clean"]},
+            {"epochs": 400, "patience": 400},
+        )
+        job_id = response.json()["id"]
+        poll_job(client, job_id, lambda b: b["progress"]["stage"] == "fine-tune" or final(b), 60)
+        cancel = client.delete(f"/v1/jobs/{job_id}")
+        assert cancel.status_code == 202, cancel.text
+        assert cancel.json()["cancel_requested"] is True
+        body = poll_job(client, job_id, final, timeout=30)
+        assert body["state"] == "cancelled" and body["artifacts_deleted"] is True
+        assert client.get(f"/v1/jobs/{job_id}/model").status_code == 409
+        # Deleting again is harmless.
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+    assert job_id not in stack.job_dirs()
+    record = read_record(stack.artifacts, job_id)
+    assert [e["state"] for e in record["events"]] == ["queued", "running", "cancelled"]
+
+
+# --------------------------------------------------------------------------- worker loss
+
+
+def test_job_survives_its_worker_being_killed(stack: Stack, files: dict[str, Path]) -> None:
+    with stack.client() as client:
+        response = stack.submit(
+            client,
+            {"model": files["model"], "data": files["clean"]},
+            {"epochs": 6, "patience": 6, "seed": 5},
+        )
+        job_id = response.json()["id"]
+        poll_job(client, job_id, lambda b: b["state"] == "running" and b["progress"]["stage"], 60)
+
+        stack.worker.kill_group()  # the machine is gone: main process and pool child at once
+        stack.worker.popen.wait(10)
+        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "running"
+
+        replacement = start_worker(stack.env, stack.logs / "worker-2.log", "worker2")
+        stack.spare.append(stack.worker)
+        stack.worker = replacement
+        wait_worker(replacement)
+        body = poll_job(client, job_id, final, timeout=150, interval=0.5)
+        assert body["state"] == "succeeded", (body, replacement.tail())
+        assert body["attempts"] == 2
+
+        record = read_record(stack.artifacts, job_id)
+        states = [(e["state"], e["attempt"]) for e in record["events"]]
+        assert states == [("queued", 0), ("running", 1), ("running", 2), ("succeeded", 2)]
+
+        # Deleting a finished job keeps its record and removes its files.
+        deleted = client.delete(f"/v1/jobs/{job_id}")
+        assert deleted.status_code == 200 and deleted.json()["state"] == "succeeded"
+        assert deleted.json()["artifacts_deleted"] is True
+        assert client.get(f"/v1/jobs/{job_id}/model").status_code == 410
+    assert job_id not in stack.job_dirs()
+
+
+# --------------------------------------------------------------------------- embedded mode
+
+
+def test_embedded_mode_runs_jobs_without_redis(files: dict[str, Path], tmp_path: Path) -> None:
+    artifacts = tmp_path / "artifacts"
+    env = service_env(artifacts, None, **LIMITS)  # no REDIS_URL, no keys: open mode
+    port = free_port()
+    api = start_api(env, port, tmp_path / "api.log")
+    worker = start_worker(env, tmp_path / "worker.log", "embedded")
+    try:
+        wait_api(f"http://127.0.0.1:{port}", api)
+        wait_worker(worker)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
+            response = client.post(
+                "/v1/jobs",
+                files=multipart_files({"model": files["model"], "data": files["clean"]}),
+                data={"options": json.dumps(FAST)},
+            )
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            body = poll_job(client, job_id, final, timeout=120, interval=0.5)
+            assert body["state"] == "succeeded", (body, worker.tail())
+            assert client.get(f"/v1/jobs/{job_id}/model").status_code == 200
+            assert client.get("/readyz").status_code == 200
+        assert (artifacts / "state" / "broker.sqlite").exists()
+    finally:
+        worker.stop()
+        api.stop()
+
+
+# --------------------------------------------------------------------------- in-process units
+
+
+def _record(store: FileRecordStore, state: JobState = JobState.queued) -> JobRecord:
+    created = now()
+    record = JobRecord(
+        id=os.urandom(16).hex(),
+        owner="open",
+        created_at=created,
+        updated_at=created,
+        options=SanitizeOptions(),
+        queue="fineprune",
+        payload_hash="x",
+        state=state,
+    )
+    store.insert(record)
+    return record
+
+
+def test_a_job_that_keeps_killing_workers_is_failed(tmp_path: Path) -> None:
+    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+    job = _record(records)
+    for attempt in (1, 2, 3):
+        started = lifecycle.begin_attempt(records, store, job.id, max_attempts=3)
+        assert started is not None and started.attempts == attempt
+    assert lifecycle.begin_attempt(records, store, job.id, max_attempts=3) is None
+    failed = records.get(job.id)
+    assert failed is not None and failed.state == JobState.failed
+    assert failed.error is not None and failed.error.kind == "worker_lost"
+    assert "stopped its worker 3 times" in failed.error.message
+    # A final job is never run again.
+    assert lifecycle.begin_attempt(records, store, job.id, max_attempts=9) is None
+
+
+def test_cancel_wins_over_late_worker_writes(tmp_path: Path) -> None:
+    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+    job = _record(records)
+    assert lifecycle.begin_attempt(records, store, job.id, max_attempts=3) is not None
+    record, done = lifecycle.request_cancel(records, store, job.id)
+    assert not done and record.state == JobState.running and records.cancel_requested(job.id)
+    lifecycle.mark_cancelled(records, store, job.id)
+    lifecycle.ProgressWriter(records, job.id, 0.0)("fine-tune", 0.5)  # a late write
+    assert lifecycle.fail(records, job.id, "internal", "late") is not None
+    after = records.get(job.id)
+    assert after is not None and after.state == JobState.cancelled and after.error is None
+
+
+def test_retention_deletes_old_artifacts(tmp_path: Path) -> None:
+    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+    job = _record(records, JobState.succeeded)
+    store.write(job.id, "report.json", [b"{}"])
+    records.update(job.id, lambda r: setattr(r, "finished_at", now()) or True)
+    assert purge_expired(records, store, days=7) == 0
+    later = datetime.now(UTC) + timedelta(days=8)
+    assert purge_expired(records, store, days=7, at=later) == 1
+    assert not store.exists(job.id, "report.json")
+    kept = records.get(job.id)
+    assert kept is not None and kept.artifacts_deleted_at is not None
+
+
+def test_settings_refuse_a_visibility_timeout_below_the_time_limit() -> None:
+    with pytest.raises(ValueError, match="visibility_timeout"):
+        Settings(task_soft_time_limit=10, task_time_limit=20, visibility_timeout=20)
+    settings = Settings(api_keys="a, b,,", redis_url=None)
+    assert settings.api_keys == ["a", "b"] and not settings.is_open and settings.embedded

@@ -1,0 +1,209 @@
+"""The worker's tasks: run a sanitize job, deliver its callback, purge old artifacts.
+
+Delivery is at least once (late acks, requeue when a worker dies), so `sanitize_job` makes
+running exactly once its own business: the record says whether a job is already final, and
+counts deliveries so a job that keeps killing its worker is failed instead of looping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from contextlib import ExitStack
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import httpx
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from fineprune.errors import CancelledError, FinePruneError
+from jobs import lifecycle
+from jobs.callbacks import SIGNATURE_HEADER, CallbackRefused, check_url_target, sign
+from jobs.queue import CALLBACK_TASK, PURGE_TASK, SANITIZE_TASK
+from jobs.records import FileRecordStore, JobRecord, now, summary_from_report, to_resource
+from jobs.retention import purge_expired
+from jobs.storage import LocalArtifactStore
+from workers.app import app, settings
+
+log = logging.getLogger(__name__)
+_tensorflow_ready = False
+
+
+@lru_cache
+def _stores() -> tuple[FileRecordStore, LocalArtifactStore]:
+    return FileRecordStore(settings.state_dir), LocalArtifactStore(settings.jobs_dir)
+
+
+class JobTask(Task):
+    """Base of `sanitize_job`: turns a hard time limit (child killed) into a failed job.
+
+    Celery calls `on_failure` in the worker's main process when it kills a child for the
+    hard limit; every other failure is handled inside the task itself.
+    """
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if isinstance(exc, TimeLimitExceeded) and args:
+            records, _ = _stores()
+            record = lifecycle.fail(
+                records,
+                str(args[0]),
+                "timeout",
+                f"the job ran past the hard time limit of {settings.task_time_limit} s "
+                "and its worker was stopped",
+            )
+            if record is not None and record.callback is not None:
+                deliver_callback.apply_async((record.id,), queue=record.queue)
+
+
+def _configure_tensorflow() -> None:
+    """Import TensorFlow in this child, once, letting GPU memory grow instead of grabbing it.
+
+    Only the child imports it; the first task pays the import. Memory growth must be set
+    before TensorFlow touches a GPU, so it is the first thing done after the import. On the
+    `fineprune-gpu` queue (one child per GPU) this lets the engine share the card politely.
+    """
+    global _tensorflow_ready
+    if _tensorflow_ready:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process
+            log.warning("could not enable memory growth on %s", gpu.name)
+    _tensorflow_ready = True
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _run(record: JobRecord) -> JobRecord | None:
+    """The engine on the job's inputs; results published, or the job failed/cancelled."""
+    records, store = _stores()
+    job_id = record.id
+    try:
+        _configure_tensorflow()
+        from fineprune.pipeline import Inputs, sanitize
+
+        work_root = settings.state_dir / "work"
+        work_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{job_id}-", dir=work_root) as work:
+            with ExitStack() as stack:
+                paths = {
+                    role: stack.enter_context(store.local_path(job_id, name))
+                    for role, name in record.input_names.items()
+                }
+                out = Path(work) / "out"
+                report = sanitize(
+                    Inputs(
+                        model_path=paths["model"],
+                        data_path=paths["data"],
+                        trigger_path=paths.get("trigger_data"),
+                        test_path=paths.get("test_data"),
+                    ),
+                    out,
+                    record.options,
+                    progress=lifecycle.ProgressWriter(records, job_id, settings.progress_interval),
+                    should_cancel=lambda: records.cancel_requested(job_id),
+                )
+            return lifecycle.publish_success(
+                records, store, job_id, out, summary_from_report(report), dict(report.timings)
+            )
+    except CancelledError:
+        log.info("job %s cancelled", job_id)
+        return lifecycle.mark_cancelled(records, store, job_id)
+    except SoftTimeLimitExceeded:
+        message = f"the job ran past its time limit of {settings.task_soft_time_limit} s"
+        return lifecycle.fail(records, job_id, "timeout", message)
+    except FinePruneError as exc:
+        log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
+        return lifecycle.fail(records, job_id, exc.kind, exc.message)
+    except Exception as exc:
+        log.exception("job %s failed unexpectedly", job_id)
+        return lifecycle.fail(records, job_id, "internal", _one_line(exc))
+
+
+@app.task(bind=True, base=JobTask, name=SANITIZE_TASK)
+def sanitize_job(self: Task, job_id: str) -> str:
+    """Run one job, at most once to completion however often its message is delivered."""
+    records, store = _stores()
+    started = lifecycle.begin_attempt(records, store, job_id, settings.max_attempts)
+    if started is None:
+        final = records.get(job_id)
+    else:
+        log.info("job %s: attempt %d", job_id, started.attempts)
+        final = _run(started)
+    callback = final.callback if final is not None and final.state.final else None
+    if callback is not None and callback.delivered_at is None and callback.attempts == 0:
+        deliver_callback.apply_async((job_id,), queue=final.queue)
+    return final.state.value if final is not None else "unknown"
+
+
+@app.task(bind=True, name=CALLBACK_TASK, max_retries=settings.callback_max_attempts - 1)
+def deliver_callback(self: Task, job_id: str) -> str:
+    """POST the final job resource to the client's URL, signed; retried with backoff."""
+    records, _ = _stores()
+    record = records.get(job_id)
+    if record is None or record.callback is None or record.callback.delivered_at is not None:
+        return "nothing to do"
+    body = to_resource(record, settings.public_url).model_dump_json().encode()
+    error: str | None = None
+    retry = True
+    try:
+        if not settings.callback_secret:
+            raise CallbackRefused("the worker has no FINEPRUNE_CALLBACK_SECRET to sign with")
+        check_url_target(record.callback.url, settings.callback_allow_private)
+        response = httpx.post(
+            record.callback.url,
+            content=body,
+            headers={
+                "Content-Type": "application/json",
+                SIGNATURE_HEADER: sign(settings.callback_secret, body),
+                "User-Agent": "fineprune-callback/1",
+            },
+            timeout=10.0,
+            follow_redirects=False,
+        )
+        if not 200 <= response.status_code < 300:
+            error = f"callback answered HTTP {response.status_code}"
+    except CallbackRefused as exc:
+        error, retry = str(exc), False
+    except httpx.HTTPError as exc:
+        error = f"callback failed: {_one_line(exc)}"
+
+    def note(r: JobRecord) -> bool:
+        if r.callback is None:
+            return False
+        r.callback.attempts += 1
+        r.callback.last_error = error
+        if error is None:
+            r.callback.delivered_at = now()
+        return True
+
+    records.update(job_id, note)
+    if error is None:
+        return "delivered"
+    if retry and self.request.retries < (self.max_retries or 0):
+        raise self.retry(countdown=min(60, 2 ** (self.request.retries + 1)))
+    log.warning("callback of job %s given up: %s", job_id, error)
+    return "given up"
+
+
+@app.task(name=PURGE_TASK)
+def purge_expired_task() -> int:
+    """Retention sweep; scheduled hourly by `celery -A workers.app beat` (or `worker -B`)."""
+    records, store = _stores()
+    started = time.monotonic()
+    count = purge_expired(records, store, settings.retention_days)
+    log.info("retention sweep took %.1f s", time.monotonic() - started)
+    return count
