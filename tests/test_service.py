@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import keras
 import numpy as np
 import pytest
 from factories import save_npz, textures, train_backdoored, trigger_set
@@ -570,3 +571,66 @@ def test_settings_refuse_a_visibility_timeout_below_the_time_limit() -> None:
         Settings(task_soft_time_limit=10, task_time_limit=20, visibility_timeout=20)
     settings = Settings(api_keys="a, b,,", redis_url=None)
     assert settings.api_keys == ["a", "b"] and not settings.is_open and settings.embedded
+
+
+# --------------------------------------------------------------------------- the CLI client
+
+
+def _fineprune(stack: Stack, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FINEPRUNE_URL": stack.base_url, "FINEPRUNE_API_KEY": API_KEY}
+    return subprocess.run(
+        [sys.executable, "-m", "fineprune.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+
+
+def test_cli_submit_wait_status_download(
+    stack: Stack, files: dict[str, Path], tmp_path: Path
+) -> None:
+    done = _fineprune(
+        stack,
+        "submit",
+        files["model"],
+        "--data",
+        files["clean"],
+        "--trigger-data",
+        files["trigger"],
+        "--set",
+        "epochs=2",
+        "--set",
+        "patience=2",
+        "--wait",
+        "--json",
+        "--out",
+        tmp_path / "cli.keras",
+    )
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["state"] == "succeeded" and job["summary"]["channels_pruned"] >= 0
+    assert (
+        keras.models.load_model(tmp_path / "cli.keras").count_params()
+        == job["summary"]["parameters_after"]
+    )
+
+    status = _fineprune(stack, "status", job["id"], "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["id"] == job["id"]
+    listing = _fineprune(stack, "status", "--json")
+    assert job["id"] in {item["id"] for item in json.loads(listing.stdout)["items"]}
+
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    fetched = _fineprune(stack, "download", job["id"], "--out", folder, "--report")
+    assert fetched.returncode == 0, fetched.stderr
+    assert (folder / f"{job['id']}.keras").stat().st_size > 0
+    assert "<html" in (folder / "report.html").read_text().lower()
+    assert json.loads((folder / "report.json").read_text())["schema_version"] == "1"
+
+
+def test_cli_reports_a_refused_upload_in_one_line(stack: Stack, files: dict[str, Path]) -> None:
+    done = _fineprune(stack, "submit", files["lambda"], "--data", files["clean"], "--wait")
+    assert done.returncode == 1
+    assert "422" in done.stderr and "lambda" in done.stderr.lower()
+    assert "Traceback" not in done.stderr
