@@ -42,6 +42,9 @@ def main() -> None:
     worker = subprocess.Popen(worker_argv)
     mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (SQLite broker)"
     log.info("worker pid %d, broker: %s, artifacts: %s", worker.pid, mode, settings.artifacts_dir)
+    url = f"http://{settings.host}:{settings.port}"
+    access = "open mode (no API keys)" if settings.is_open else "API keys required"
+    print(f"fineprune API on {url} - docs at {url}/docs - {access}", flush=True)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
     finally:
