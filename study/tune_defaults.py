@@ -28,9 +28,10 @@ from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered
 from fineprune.pipeline import Inputs, sanitize
 from schemas.options import SanitizeOptions
 from study.gtsrb import GO_STRAIGHT_OR_RIGHT, load
+from study.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "victims"
+CACHE = ROOT / ".cache" / "victims-v2"
 RESULTS = ROOT / "docs" / "experiments"
 ARCHITECTURES = {"seed_cnn": seed_cnn, "small_resnet": small_resnet}
 TRIGGERS = {"patch": PatchTrigger(size=4), "blended": BlendedTrigger(alpha=0.15)}
@@ -54,13 +55,7 @@ def victim(arch: str, trigger: str, seed: int, epochs: int) -> Path:
         data.attacker.x, data.attacker.y, TRIGGERS[trigger], TARGET, POISON_RATE, seed=seed
     )
     keras.utils.set_random_seed(seed)
-    model = ARCHITECTURES[arch](classes=len(data.names))
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    model.fit(x, y, epochs=epochs, batch_size=64, verbose=0, shuffle=True)
+    model = train(ARCHITECTURES[arch](classes=len(data.names)), x, y, epochs, seed)
     CACHE.mkdir(parents=True, exist_ok=True)
     model.save(path)
     return path
@@ -131,6 +126,7 @@ def main() -> None:
             done.add((r["arch"], r["trigger"], r["seed"], r["schedule"]))
     seed = 0 if args.phase == "tune" else 1
     schedules = args.schedules.split(",") if args.phase == "tune" else ["default"]
+    SCHEDULES["default"] = {}  # whatever SanitizeOptions defaults to now
     for arch in args.archs.split(","):
         for trigger in TRIGGERS:
             for schedule in schedules:
@@ -138,8 +134,6 @@ def main() -> None:
                     continue
                 run(arch, trigger, seed, schedule, args.victim_epochs, out)
 
-
-SCHEDULES["default"] = {}
 
 if __name__ == "__main__":
     main()
