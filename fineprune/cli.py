@@ -377,18 +377,22 @@ def download(
     report: Annotated[bool, typer.Option(help="Also fetch report.html and report.json.")] = False,
     url: Url = None,
     api_key: ApiKey = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the paths as JSON.")] = False,
 ) -> None:
     """Download the sanitized model (and optionally the report)."""
     with _client(url, api_key) as client:
-        path = _api_call(lambda: client.download_model(job_id, out))
-        Console().print(f"model: {path}", highlight=False)
+        paths = {"model": str(_api_call(lambda: client.download_model(job_id, out)))}
         if report:
-            folder = path.parent
-            html = _api_call(lambda: client.download_report(job_id, folder, "html"))
-            (folder / "report.json").write_text(
-                _api_call(lambda: client.report(job_id)).model_dump_json(indent=2)
-            )
-            Console().print(f"report: {html}", highlight=False)
+            folder = Path(paths["model"]).parent
+            paths["report_html"] = str(_api_call(lambda: client.download_report(job_id, folder)))
+            json_path = folder / "report.json"
+            json_path.write_text(_api_call(lambda: client.report(job_id)).model_dump_json(indent=2))
+            paths["report_json"] = str(json_path)
+    if as_json:
+        sys.stdout.write(json.dumps(paths) + "\n")
+        return
+    for name, path in paths.items():
+        Console().print(f"{name}: {path}", highlight=False)
 
 
 @app.command()
