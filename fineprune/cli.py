@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 err = Console(stderr=True)
 FIELDS = SanitizeOptions.model_fields
@@ -110,6 +111,9 @@ def sanitize(
     batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = _default("batch_size"),
     augment: Annotated[bool, typer.Option(help=_help("augment"))] = _default("augment"),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
+    freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
+        "freeze_batchnorm"
+    ),
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
@@ -133,6 +137,7 @@ def sanitize(
             batch_size=batch_size,
             augment=augment,
             patience=patience,
+            freeze_batchnorm=freeze_batchnorm,
             seed=seed,
         )
     except ValidationError as exc:

@@ -30,6 +30,7 @@ class FineTuneSettings:
     batch_size: int
     augment: bool
     patience: int
+    freeze_batchnorm: bool
     seed: int
 
 
@@ -50,6 +51,13 @@ class _KeepZeroed(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         for variable, mask in self._targets:
             variable.assign(tf.where(mask, tf.zeros_like(variable), variable))
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    found = []
+    for layer in model.layers:
+        found.extend(_all_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return found
 
 
 def _loss(kind: OutputKind, classes: int) -> keras.losses.Loss:
@@ -109,6 +117,10 @@ def fine_tune(
     """Train `model` in place for up to `settings.epochs`; return it with the best weights."""
     classes = int(model.outputs[0].shape[-1])
     loss = _loss(kind, classes)
+    if settings.freeze_batchnorm:
+        for layer in _all_layers(model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
     model.compile(
         optimizer=_optimizer(settings),
         loss=loss,
@@ -149,4 +161,7 @@ def fine_tune(
             if since_best >= settings.patience:
                 break
     model.set_weights(best_weights)
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = True  # the delivered model trains like the one we were given
     return result

@@ -153,6 +153,7 @@ def sanitize(
                 batch_size=options.batch_size,
                 augment=options.augment,
                 patience=options.patience,
+                freeze_batchnorm=options.freeze_batchnorm,
                 seed=options.seed,
             )
             tuning = fine_tune(

@@ -67,6 +67,12 @@ class SanitizeOptions(BaseModel):
         description="Random small shifts, zooms and contrast changes while fine-tuning "
         "(image inputs only).",
     )
+    freeze_batchnorm: bool = Field(
+        True,
+        description="Keep BatchNormalization statistics and scales as trained while fine-tuning: "
+        "a few hundred clean images would otherwise re-estimate them and cost accuracy on "
+        "everything the small set does not cover.",
+    )
     patience: int = Field(
         5, ge=1, le=1000, description="Stop fine-tuning after this many epochs without progress."
     )

@@ -40,6 +40,15 @@ SCHEDULES = {
     "adam-aug": dict(epochs=20, learning_rate=1e-3, optimizer="adam", augment=True, patience=5),
     "sgd-aug": dict(epochs=20, learning_rate=1e-2, optimizer="sgd", augment=True, patience=5),
 }
+# Added after the first three: the same schedules with BatchNorm frozen while fine-tuning.
+SCHEDULES_FROZEN_BN = {
+    "paper-frozenbn": dict(SCHEDULES["paper"], freeze_batchnorm=True),
+    "adam-aug-frozenbn": dict(SCHEDULES["adam-aug"], freeze_batchnorm=True),
+    "sgd-aug-frozenbn": dict(SCHEDULES["sgd-aug"], freeze_batchnorm=True),
+}
+for schedule in SCHEDULES.values():
+    schedule.setdefault("freeze_batchnorm", False)
+SCHEDULES.update(SCHEDULES_FROZEN_BN)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
@@ -57,7 +66,9 @@ def victim(arch: str, trigger: str, seed: int, epochs: int) -> Path:
     keras.utils.set_random_seed(seed)
     model = train(ARCHITECTURES[arch](classes=len(data.names)), x, y, epochs, seed)
     CACHE.mkdir(parents=True, exist_ok=True)
-    model.save(path)
+    partial = path.with_name(f".{path.stem}-{os.getpid()}.keras")
+    model.save(partial)
+    partial.replace(path)
     return path
 
 
