@@ -64,6 +64,23 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _fail_options(exc) -> None:
+    """One line naming every invalid option (exit 2, a usage error)."""
+    fail(
+        "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()),
+        code=2,
+    )
+
+
+def _require_files(
+    model: Path, data: Path, trigger_data: Path | None, test_data: Path | None
+) -> None:
+    named = {"model": model, "data": data, "trigger data": trigger_data, "test data": test_data}
+    for label, path in named.items():
+        if path is not None and not path.is_file():
+            fail(f"{label} file {str(path)!r} does not exist", code=2)
+
+
 @app.callback()
 def main() -> None:
     """Remove backdoors from untrusted Keras models with fine-pruning."""
@@ -141,18 +158,8 @@ def sanitize(
             seed=seed,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
-        fail(problems, code=2)
-    for label, path in (
-        ("model", model),
-        ("data", data),
-        ("trigger data", trigger_data),
-        ("test data", test_data),
-    ):
-        if path is not None and not path.is_file():
-            fail(f"{label} file {str(path)!r} does not exist", code=2)
+        _fail_options(exc)
+    _require_files(model, data, trigger_data, test_data)
 
     _quiet_tensorflow()
     from fineprune.errors import FinePruneError
@@ -308,15 +315,8 @@ def submit(
     try:
         options = SanitizeOptions(**_parse_settings(settings or [], rescale))
     except ValidationError as exc:
-        fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()), 2)
-    for label, path in (
-        ("model", model),
-        ("data", data),
-        ("trigger data", trigger_data),
-        ("test data", test_data),
-    ):
-        if path is not None and not path.is_file():
-            fail(f"{label} file {str(path)!r} does not exist", code=2)
+        _fail_options(exc)
+    _require_files(model, data, trigger_data, test_data)
     with _client(url, api_key) as client:
         job = _api_call(
             lambda: client.submit(

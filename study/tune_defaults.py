@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--victim-epochs", type=int, default=10)
     parser.add_argument("--schedules", default=",".join(SCHEDULES))
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
+    parser.add_argument("--victims-only", action="store_true", help="Only train the victims.")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"defaults-{args.phase}.jsonl"
@@ -140,6 +141,9 @@ def main() -> None:
     SCHEDULES["default"] = {}  # whatever SanitizeOptions defaults to now
     for arch in args.archs.split(","):
         for trigger in TRIGGERS:
+            if args.victims_only:
+                victim(arch, trigger, seed, args.victim_epochs)
+                continue
             for schedule in schedules:
                 if (arch, trigger, seed, schedule) in done:
                     continue
