@@ -130,8 +130,10 @@ def fine_tune(
     dataset = _dataset(train, settings, image_like)
     callbacks = [_KeepZeroed(model, zero_masks)] if zero_masks else []
 
-    best_weights = model.get_weights()
-    best_loss, best_accuracy = _validation_loss(model, loss, validation, classes)
+    # The pruned model itself (epoch 0) is never kept: pruning alone leaves the backdoor in
+    # the surviving channels, and only training on clean data removes it.
+    best_weights: list[np.ndarray] | None = None
+    best = (-1.0, -np.inf)
     result = FineTuneResult(model=model)
     since_best = 0
     for epoch in range(1, settings.epochs + 1):
@@ -151,8 +153,8 @@ def fine_tune(
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if (val_accuracy, -val_loss) > (best_accuracy, -best_loss):
-            best_accuracy, best_loss = val_accuracy, val_loss
+        if (val_accuracy, -val_loss) > best:
+            best = (val_accuracy, -val_loss)
             best_weights = model.get_weights()
             result.best_epoch = epoch
             since_best = 0
@@ -160,7 +162,8 @@ def fine_tune(
             since_best += 1
             if since_best >= settings.patience:
                 break
-    model.set_weights(best_weights)
+    if best_weights is not None:
+        model.set_weights(best_weights)
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = True  # the delivered model trains like the one we were given

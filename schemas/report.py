@@ -89,7 +89,7 @@ class EpochRecord(_Strict):
 
 class FineTuneReport(_Strict):
     epochs_run: int
-    best_epoch: int = Field(description="0 means the pruned model itself was kept.")
+    best_epoch: int = Field(description="The epoch kept (1-based); 0 only when none ran.")
     history: list[EpochRecord]
     selected_on: Literal["validation"] = "validation"
 
