@@ -45,6 +45,7 @@ SCHEDULES_FROZEN_BN = {
     "paper-frozenbn": dict(SCHEDULES["paper"], freeze_batchnorm=True),
     "adam-aug-frozenbn": dict(SCHEDULES["adam-aug"], freeze_batchnorm=True),
     "sgd-aug-frozenbn": dict(SCHEDULES["sgd-aug"], freeze_batchnorm=True),
+    "lowlr-frozenbn": dict(SCHEDULES["paper"], learning_rate=1e-4, freeze_batchnorm=True),
 }
 for schedule in SCHEDULES.values():
     schedule.setdefault("freeze_batchnorm", False)
