@@ -46,6 +46,7 @@ SCHEDULES_FROZEN_BN = {
     "adam-aug-frozenbn": dict(SCHEDULES["adam-aug"], freeze_batchnorm=True),
     "sgd-aug-frozenbn": dict(SCHEDULES["sgd-aug"], freeze_batchnorm=True),
     "lowlr-frozenbn": dict(SCHEDULES["paper"], learning_rate=1e-4, freeze_batchnorm=True),
+    "midlr-frozenbn": dict(SCHEDULES["paper"], learning_rate=3e-4, freeze_batchnorm=True),
 }
 for schedule in SCHEDULES.values():
     schedule.setdefault("freeze_batchnorm", False)
