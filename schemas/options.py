@@ -56,14 +56,14 @@ class SanitizeOptions(BaseModel):
         lt=0.5,
         description="Share of the tuning data kept aside to pick the best fine-tuning epoch.",
     )
-    epochs: int = Field(20, ge=0, le=1000, description="Fine-tuning epochs (at most).")
+    epochs: int = Field(10, ge=0, le=1000, description="Fine-tuning epochs (at most).")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Fine-tuning learning rate.")
     optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="Fine-tuning optimizer: adam, or sgd with Nesterov momentum 0.9."
     )
     batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     augment: bool = Field(
-        True,
+        False,
         description="Random small shifts, zooms and contrast changes while fine-tuning "
         "(image inputs only).",
     )
@@ -74,7 +74,7 @@ class SanitizeOptions(BaseModel):
         "everything the small set does not cover.",
     )
     patience: int = Field(
-        5, ge=1, le=1000, description="Stop fine-tuning after this many epochs without progress."
+        10, ge=1, le=1000, description="Stop fine-tuning after this many epochs without progress."
     )
     seed: int = Field(0, ge=0, description="Seed for the data split, shuffling and augmentation.")
 
