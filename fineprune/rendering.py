@@ -171,6 +171,23 @@ def _layer_title(report: SanitizeReport, what: str) -> str:
     return f"{what} — layer {_shorten(layer)}" if layer else what
 
 
+def _mark(ax: Axes, x: float, text: str, lw: float, fontsize: int, bold: bool) -> None:
+    """A dotted vertical line at a chosen point, labelled at the top of the axes."""
+    ax.axvline(x, color=_CHOICE_COLOUR, ls=":", lw=lw)
+    ax.annotate(
+        text,
+        xy=(x, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(4, -4),
+        textcoords="offset points",
+        ha="left",
+        va="top",
+        fontsize=fontsize,
+        color=_CHOICE_COLOUR,
+        fontweight="bold" if bold else "normal",
+    )
+
+
 def _draw_curve(ax: Axes, report: SanitizeReport) -> None:
     """The main panel: how accuracy and attack success move as channels are pruned."""
     curve = sorted(report.curve, key=lambda p: p.fraction)
@@ -213,19 +230,7 @@ def _draw_curve(ax: Axes, report: SanitizeReport) -> None:
 
     chosen = _chosen_fraction(report)
     if chosen is not None:
-        ax.axvline(chosen, color=_CHOICE_COLOUR, ls=":", lw=1.3)
-        ax.annotate(
-            f"k = {report.decision.pruned}",
-            xy=(chosen, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(4, -4),
-            textcoords="offset points",
-            ha="left",
-            va="top",
-            fontsize=9,
-            color=_CHOICE_COLOUR,
-            fontweight="bold",
-        )
+        _mark(ax, chosen, f"k = {report.decision.pruned}", lw=1.3, fontsize=9, bold=True)
 
     if report.fine_tuning is not None:
         x = chosen if chosen is not None else 0.0
@@ -334,18 +339,7 @@ def _draw_history(ax: Axes, ft: FineTuneReport) -> None:
         )
     best = ft.best_epoch
     if best > 0:
-        ax.axvline(best, color=_CHOICE_COLOUR, ls=":", lw=1.2)
-        ax.annotate(
-            f"best: {best}",
-            xy=(best, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -4),
-            textcoords="offset points",
-            ha="left",
-            va="top",
-            fontsize=8,
-            color=_CHOICE_COLOUR,
-        )
+        _mark(ax, best, f"best: {best}", lw=1.2, fontsize=8, bold=False)
     if epochs:
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
