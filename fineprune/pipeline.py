@@ -129,10 +129,14 @@ def sanitize(
             curve = _curve(sweep, rows, splits, path.channels)
             decision = _decide(curve, path, options)
             pruned_channels = np.sort(sweep.order[: decision.pruned])
+            # k = 0 of the sweep is the unpruned model: no second pass over the data.
+            baseline = _stage_metrics(
+                curve[0].evaluation_accuracy, curve[0].attack_success_rate, splits
+            )
         else:
             curve, pruned_channels = [], np.array([], dtype=np.int64)
             decision = PruneDecision(rule="none", pruned=0, reason="defense is fine-tuning alone")
-        baseline = _metrics(model, splits)
+            baseline = _metrics(model, splits)
 
     with run.stage("cut"):
         if path is not None:
@@ -169,7 +173,7 @@ def sanitize(
             )
             if run.should_cancel():
                 raise CancelledError("cancelled during fine-tuning")
-        final_metrics = _metrics(pruned_model, splits)
+        final_metrics = pruned_metrics if tuning is None else _metrics(pruned_model, splits)
 
     with run.stage("report"):
         model_out = out_dir / "sanitized.keras"
@@ -314,18 +318,19 @@ def _decide(curve: list[CurvePoint], path: ChannelPath, options: SanitizeOptions
 
 
 def _metrics(model: keras.Model, splits: Splits) -> StageMetrics:
-    asr = None
-    if splits.trigger is not None:
-        asr = Measurement(
-            value=rate(model, splits.trigger), split="trigger", samples=len(splits.trigger)
-        )
+    asr = rate(model, splits.trigger) if splits.trigger is not None else None
+    return _stage_metrics(rate(model, splits.evaluation), asr, splits)
+
+
+def _stage_metrics(accuracy: float, asr: float | None, splits: Splits) -> StageMetrics:
+    attack = None
+    if splits.trigger is not None and asr is not None:
+        attack = Measurement(value=asr, split="trigger", samples=len(splits.trigger))
     return StageMetrics(
         clean_accuracy=Measurement(
-            value=rate(model, splits.evaluation),
-            split=splits.evaluation_name,
-            samples=len(splits.evaluation),
+            value=accuracy, split=splits.evaluation_name, samples=len(splits.evaluation)
         ),
-        attack_success_rate=asr,
+        attack_success_rate=attack,
     )
 
 
