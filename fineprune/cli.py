@@ -125,6 +125,7 @@ def sanitize(
         "learning_rate"
     ),
     optimizer: Annotated[str, typer.Option(help=_help("optimizer"))] = _default("optimizer"),
+    lr_schedule: Annotated[str, typer.Option(help=_help("lr_schedule"))] = _default("lr_schedule"),
     batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = _default("batch_size"),
     augment: Annotated[bool, typer.Option(help=_help("augment"))] = _default("augment"),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
@@ -151,6 +152,7 @@ def sanitize(
             epochs=epochs,
             learning_rate=learning_rate,
             optimizer=optimizer,
+            lr_schedule=lr_schedule,
             batch_size=batch_size,
             augment=augment,
             patience=patience,

@@ -27,6 +27,7 @@ class FineTuneSettings:
     epochs: int
     learning_rate: float
     optimizer: str
+    lr_schedule: str
     batch_size: int
     augment: bool
     patience: int
@@ -67,10 +68,14 @@ def _loss(kind: OutputKind, classes: int) -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
 
 
-def _optimizer(settings: FineTuneSettings) -> keras.optimizers.Optimizer:
+def _optimizer(settings: FineTuneSettings, steps: int) -> keras.optimizers.Optimizer:
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = settings.learning_rate
+    if settings.lr_schedule == "cosine":
+        # High early, when the backdoor is unlearned; near zero late, when accuracy settles.
+        rate = keras.optimizers.schedules.CosineDecay(settings.learning_rate, max(steps, 1))
     if settings.optimizer == "sgd":
-        return keras.optimizers.SGD(settings.learning_rate, momentum=0.9, nesterov=True)
-    return keras.optimizers.Adam(settings.learning_rate)
+        return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True)
+    return keras.optimizers.Adam(rate)
 
 
 def _augmenter(seed: int) -> keras.Sequential:
@@ -122,7 +127,7 @@ def fine_tune(
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
     model.compile(
-        optimizer=_optimizer(settings),
+        optimizer=_optimizer(settings, settings.epochs * -(-len(train) // settings.batch_size)),
         loss=loss,
         metrics=["accuracy"],
     )

@@ -154,6 +154,7 @@ def sanitize(
                 epochs=options.epochs,
                 learning_rate=options.learning_rate,
                 optimizer=options.optimizer,
+                lr_schedule=options.lr_schedule,
                 batch_size=options.batch_size,
                 augment=options.augment,
                 patience=options.patience,

@@ -47,6 +47,7 @@ SCHEDULES_FROZEN_BN = {
     "sgd-aug-frozenbn": dict(SCHEDULES["sgd-aug"], freeze_batchnorm=True),
     "lowlr-frozenbn": dict(SCHEDULES["paper"], learning_rate=1e-4, freeze_batchnorm=True),
     "midlr-frozenbn": dict(SCHEDULES["paper"], learning_rate=3e-4, freeze_batchnorm=True),
+    "cosine-frozenbn": dict(SCHEDULES["paper"], lr_schedule="cosine", freeze_batchnorm=True),
 }
 for schedule in SCHEDULES.values():
     schedule.setdefault("freeze_batchnorm", False)
@@ -139,7 +140,8 @@ def main() -> None:
             r = json.loads(line)
             done.add((r["arch"], r["trigger"], r["seed"], r["schedule"]))
     seed = 0 if args.phase == "tune" else 1
-    schedules = args.schedules.split(",") if args.phase == "tune" else ["default"]
+    explicit = args.schedules != ",".join(SCHEDULES)
+    schedules = args.schedules.split(",") if args.phase == "tune" or explicit else ["default"]
     SCHEDULES["default"] = {}  # whatever SanitizeOptions defaults to now
     for arch in args.archs.split(","):
         for trigger in TRIGGERS:
