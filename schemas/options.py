@@ -59,7 +59,7 @@ class SanitizeOptions(BaseModel):
     epochs: int = Field(10, ge=0, le=1000, description="Fine-tuning epochs (at most).")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Fine-tuning learning rate.")
     lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant",
+        "cosine",
         description="Learning rate over the epochs: constant, or cosine decay to zero.",
     )
     optimizer: Literal["adam", "sgd"] = Field(
