@@ -553,6 +553,18 @@ def _where(layer: str | None) -> str:
 # --------------------------------------------------------------------------- summaries
 
 
+def layer_index(config: dict[str, Any]) -> dict[str, str]:
+    """Layer name -> class name for every layer, nested models included, from the config."""
+    found: dict[str, str] = {}
+    for layer in _layer_dicts(config):
+        name, kind = _name_of(layer), layer.get("class_name")
+        if isinstance(name, str) and isinstance(kind, str):
+            found[name] = kind
+        if kind in ("Sequential", "Functional", "Model"):
+            found.update(layer_index(layer))
+    return found
+
+
 def _layer_dicts(model: dict[str, Any]) -> list[dict[str, Any]]:
     config = model.get("config")
     layers = config.get("layers") if isinstance(config, dict) else None

@@ -16,7 +16,8 @@ import numpy as np
 
 from fineprune.data import check_npz_container
 from fineprune.errors import FinePruneError, InvalidDataError
-from fineprune.inspection import ModelFileInfo, inspect_model_file
+from fineprune.inspection import ModelFileInfo, inspect_model_file, layer_index
+from schemas.options import SanitizeOptions
 
 MIN_CLEAN_SAMPLES = 20
 
@@ -153,9 +154,33 @@ def check_trigger(path: Path, info: ModelFileInfo) -> int:
     return n
 
 
-def check_inputs(paths: dict[str, Path]) -> ModelFileInfo:
+PRUNABLE_CLASSES = ("Conv1D", "Conv2D", "Conv3D", "Dense")
+
+
+def check_layer_option(info: ModelFileInfo, options: SanitizeOptions | None) -> None:
+    """A `layer` option must name a prunable layer of this model: known before any queueing."""
+    if options is None or options.layer is None or not options.prunes:
+        return
+    layers = layer_index(info.config)
+    kind = layers.get(options.layer)
+    if kind is None:
+        shown = ", ".join(list(layers)[:30])
+        raise InputRejected(
+            "options", "pruning", f"no layer named {options.layer!r} in the model (layers: {shown})"
+        )
+    if kind not in PRUNABLE_CLASSES:
+        raise InputRejected(
+            "options",
+            "pruning",
+            f"layer {options.layer!r} is a {kind}; only {', '.join(PRUNABLE_CLASSES)} layers "
+            "can be pruned",
+        )
+
+
+def check_inputs(paths: dict[str, Path], options: SanitizeOptions | None = None) -> ModelFileInfo:
     """Every cheap check of one submission; raises InputRejected naming the bad field."""
     info = check_model(paths["model"])
+    check_layer_option(info, options)
     n = check_labelled(paths["data"], "clean", "data", info)
     if n < MIN_CLEAN_SAMPLES:
         raise InputRejected(

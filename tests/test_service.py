@@ -634,3 +634,15 @@ def test_cli_reports_a_refused_upload_in_one_line(stack: Stack, files: dict[str,
     assert done.returncode == 1
     assert "422" in done.stderr and "lambda" in done.stderr.lower()
     assert "Traceback" not in done.stderr
+
+
+def test_a_layer_option_naming_no_prunable_layer_is_refused_at_submit(
+    stack: Stack, files: dict[str, Path]
+) -> None:
+    parts = {"model": files["model"], "data": files["clean"]}
+    with stack.client() as client:
+        missing = stack.submit(client, parts, {"layer": "nope"})
+        assert missing.status_code == 422, missing.text
+        assert "no layer named 'nope'" in missing.json()["message"]
+        wrong = stack.submit(client, parts, {"layer": "bn1"})
+        assert wrong.status_code == 422 and "BatchNormalization" in wrong.json()["message"]

@@ -192,7 +192,7 @@ def _create(
 
     try:
         with _input_paths(store, job_id, upload) as paths:
-            check_inputs(paths)
+            check_inputs(paths, options)
     except InputRejected as exc:
         raise ApiError(
             422,
