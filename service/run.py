@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
-import sys
 
 import uvicorn
 
 from jobs.settings import get_settings
 from service.main import create_app
+from workers.command import worker_argv
 
 log = logging.getLogger("fineprune.run")
 
@@ -22,24 +22,13 @@ log = logging.getLogger("fineprune.run")
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = get_settings()
-    worker_argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "--queues",
+    argv = worker_argv(
         settings.submit_queue,
         "--loglevel",
         "INFO",
         "--beat",  # hourly retention sweep; only one beat per deployment
-    ]
-    worker = subprocess.Popen(worker_argv)
+    )
+    worker = subprocess.Popen(argv)
     mode = f"Redis at {settings.redis_url}" if settings.redis_url else "embedded (SQLite broker)"
     log.info("worker pid %d, broker: %s, artifacts: %s", worker.pid, mode, settings.artifacts_dir)
     url = f"http://{settings.host}:{settings.port}"

@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from workers.command import worker_argv
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `jobs/` is importable from the checkout even if not installed
     sys.path.insert(0, str(ROOT))
@@ -117,18 +119,7 @@ def start_api(env: dict[str, str], port: int, log: Path) -> Proc:
 
 
 def start_worker(env: dict[str, str], log: Path, name: str) -> Proc:
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "--pool",
-        "prefork",
-        "--concurrency",
-        "1",
-        "--queues",
+    argv = worker_argv(
         "fineprune",
         "--hostname",
         f"{name}@%h",
@@ -137,7 +128,7 @@ def start_worker(env: dict[str, str], log: Path, name: str) -> Proc:
         "--without-heartbeat",
         "--loglevel",
         "INFO",
-    ]
+    )
     return Proc.start(name, argv, env, log)
 
 
