@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint format bench run clean
+.PHONY: install test lint format bench reproduce run clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ run: install  ## start the API and one worker (embedded SQLite broker unless RED
 
 bench: install  ## time the fast sweep against the naive one on the seed CNN
 	$(BIN)/python -m bench.sweep_bench
+
+reproduce: install  ## the seed study end to end: train attacks, run defenses, write docs/study.md (~30 min)
+	$(BIN)/python -m study.reproduce
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -6,7 +6,14 @@ import keras
 import numpy as np
 
 
-def train(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> keras.Model:
+def train(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    seed: int,
+    learning_rate: float = 1e-3,
+) -> keras.Model:
     """Adam, then BatchNorm statistics recomputed on the training set.
 
     A few hundred steps at momentum 0.99 leave BatchNorm's moving averages far from the data
@@ -15,7 +22,7 @@ def train(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int, seed: i
     """
     keras.utils.set_random_seed(seed)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
