@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -205,6 +206,10 @@ def _inspect_keras_zip(path: Path) -> dict[str, Any]:
             _check_zip_weights(zf)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise InvalidModelError(f"not a valid .keras (zip) archive: {_one_line(exc)}") from None
+    except zlib.error as exc:  # a member whose deflate stream is corrupt
+        raise InvalidModelError(
+            f"the .keras archive is corrupt: a member does not decompress ({_one_line(exc)})"
+        ) from None
     except (NotImplementedError, RuntimeError) as exc:  # unsupported method, encryption
         raise InvalidModelError(f"cannot read the .keras archive: {_one_line(exc)}") from None
     except OSError as exc:

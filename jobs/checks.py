@@ -7,17 +7,16 @@ No TensorFlow or Keras here; the engine repeats every check when it really loads
 
 from __future__ import annotations
 
-import zipfile
-from dataclasses import dataclass
+import logging
+import math
 from pathlib import Path
-from typing import IO
 
-import numpy as np
-
-from fineprune.data import check_npz_container
-from fineprune.errors import FinePruneError, InvalidDataError
+from fineprune.data import ArrayHeader, read_npz_headers
+from fineprune.errors import FinePruneError, InvalidDataError, InvalidModelError
 from fineprune.inspection import ModelFileInfo, inspect_model_file, layer_index
 from schemas.options import SanitizeOptions
+
+log = logging.getLogger(__name__)
 
 MIN_CLEAN_SAMPLES = 20
 
@@ -32,51 +31,17 @@ class InputRejected(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class ArrayHeader:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
 def check_model(path: Path) -> ModelFileInfo:
     """Format by magic bytes, container limits, and the layer allowlist."""
     try:
         return inspect_model_file(path)
     except FinePruneError as exc:
         raise InputRejected("model", exc.kind, exc.message) from exc
-
-
-def read_npz_headers(path: Path, role: str, wanted: set[str]) -> dict[str, ArrayHeader]:
-    """Shapes and dtypes of the wanted members, read from their .npy headers only."""
-    names = check_npz_container(path, role)
-    headers: dict[str, ArrayHeader] = {}
-    with zipfile.ZipFile(path) as archive:
-        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
-        for name in names:
-            if name not in wanted:
-                continue
-            with archive.open(members[name]) as fp:
-                headers[name] = _npy_header(fp, role, name)
-    return headers
-
-
-def _npy_header(fp: IO[bytes], role: str, name: str) -> ArrayHeader:
-    fmt = np.lib.format
-    try:
-        version = fmt.read_magic(fp)
-        if version == (1, 0):
-            shape, _, dtype = fmt.read_array_header_1_0(fp)
-        elif version == (2, 0):
-            shape, _, dtype = fmt.read_array_header_2_0(fp)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InvalidDataError(f"{role} data member {name!r} is not a .npy array: {exc}") from exc
-    if dtype.hasobject:
-        raise InvalidDataError(
-            f"{role} data member {name!r} holds Python objects (pickle); refused"
-        )
-    return ArrayHeader(tuple(int(d) for d in shape), dtype)
+    except Exception as exc:  # a parser choking on a hostile file is still the file's fault
+        log.warning("model inspection failed unexpectedly", exc_info=True)
+        raise InputRejected(
+            "model", InvalidModelError.kind, f"the model file could not be read: {_one_line(exc)}"
+        ) from exc
 
 
 def _check_x(x: ArrayHeader, role: str, input_shape: tuple[int | None, ...] | None) -> None:
@@ -104,7 +69,7 @@ def _check_labels(
 ) -> None:
     if y.dtype.kind not in "iuf":
         raise InvalidDataError(f"{role} {key} has dtype {y.dtype}; expected integer labels")
-    if scalar_ok and int(np.prod(y.shape)) == 1:
+    if scalar_ok and math.prod(y.shape) == 1:
         return
     if y.shape[:1] != (n,):
         count = y.shape[0] if y.shape else 0
@@ -133,6 +98,8 @@ def check_labelled(path: Path, role: str, field: str, info: ModelFileInfo) -> in
         _check_labels(headers["y"], n, role, "y", info.output_units, scalar_ok=False)
     except FinePruneError as exc:
         raise InputRejected(field, exc.kind, exc.message) from exc
+    except Exception as exc:
+        raise _unreadable(field, role, exc) from exc
     return n
 
 
@@ -151,7 +118,23 @@ def check_trigger(path: Path, info: ModelFileInfo) -> int:
         _check_labels(headers[key], n, "trigger", key, info.output_units, scalar_ok=True)
     except FinePruneError as exc:
         raise InputRejected("trigger_data", exc.kind, exc.message) from exc
+    except Exception as exc:
+        raise _unreadable("trigger_data", "trigger", exc) from exc
     return n
+
+
+def _unreadable(field: str, role: str, exc: Exception) -> InputRejected:
+    """A parser choking on a hostile .npz: still a bad upload (422), never a 500."""
+    log.warning("%s data check failed unexpectedly", role, exc_info=True)
+    return InputRejected(
+        field, InvalidDataError.kind, f"{role} data could not be read: {_one_line(exc)}"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 PRUNABLE_CLASSES = ("Conv1D", "Conv2D", "Conv3D", "Dense")
