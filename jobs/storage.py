@@ -7,6 +7,7 @@ hashes as it goes and only becomes visible on `commit`, like an S3 multipart upl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -32,6 +33,22 @@ class ArtifactTooLarge(Exception):
         super().__init__(f"{name} is larger than {limit} bytes")
         self.name = name
         self.limit = limit
+
+
+class StorageError(OSError):
+    """A write to the store failed (disk full, read-only, a name taken): which one and why.
+
+    An OSError still, errno kept, so callers that handle OSError keep working; its text is a
+    sentence a job's error or an API answer can show as it is.
+    """
+
+    def __init__(self, name: str, cause: OSError) -> None:
+        self.reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno, f"could not store {name}: {self.reason}")
+        self.name = name
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass(frozen=True)
@@ -121,14 +138,24 @@ def check_key(job_id: str, name: str) -> None:
 
 
 class _LocalWriter(ArtifactWriter):
+    """Writes `.name.<uuid>.part` beside the final file and renames it on commit.
+
+    Whatever fails (no space, read-only disk, the name taken by a directory), the temporary
+    file is removed and the final name keeps what it had: a reader never sees half a file.
+    """
+
     def __init__(self, final: Path, limit: int | None) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True)
         self._final = final
         self._tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.part")
-        self._fh: BinaryIO | None = self._tmp.open("xb")
         self._hash = hashlib.sha256()
         self._bytes = 0
         self._limit = limit
+        self._fh: BinaryIO | None = None
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = self._tmp.open("xb")
+        except OSError as exc:
+            raise StorageError(final.name, exc) from exc
 
     def write(self, data: bytes) -> None:
         assert self._fh is not None, "write after commit or abort"
@@ -137,22 +164,33 @@ class _LocalWriter(ArtifactWriter):
             self.abort()
             raise ArtifactTooLarge(self._final.name, self._limit)
         self._hash.update(data)
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(self._final.name, exc) from exc
 
     def commit(self) -> StoredArtifact:
         assert self._fh is not None, "commit after commit or abort"
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        self._fh = None
-        os.replace(self._tmp, self._final)
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+            os.replace(self._tmp, self._final)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(self._final.name, exc) from exc
         return StoredArtifact(self._final.name, self._hash.hexdigest(), self._bytes)
 
     def abort(self) -> None:
+        """Drop the temporary file; never raises (it runs while another error is raised)."""
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        self._tmp.unlink(missing_ok=True)
+            fh, self._fh = self._fh, None
+            with contextlib.suppress(OSError):
+                fh.close()  # flushing a full disk's buffer fails again: the file goes anyway
+        with contextlib.suppress(OSError):
+            self._tmp.unlink(missing_ok=True)
 
 
 class LocalArtifactStore(ArtifactStore):

@@ -19,7 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from jobs.settings import Settings
-from jobs.storage import ArtifactStore, ArtifactTooLarge, ArtifactWriter
+from jobs.storage import ArtifactStore, ArtifactTooLarge, ArtifactWriter, StorageError
 from service.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,16 @@ async def receive_upload(
     except BaseException as exc:
         sink.abort()
         with anyio.CancelScope(shield=True):  # clean up even when the request is cancelled
-            await anyio.to_thread.run_sync(store.delete_job, job_id)
+            await anyio.to_thread.run_sync(_forget, store, job_id)
+        if isinstance(exc, OSError):  # the store cannot take the upload: full, read-only...
+            log.warning("upload of job %s could not be stored: %s", job_id, exc)
+            await _drain(chunks)
+            reason = exc.reason if isinstance(exc, StorageError) else (exc.strerror or str(exc))
+            raise ApiError(
+                503,
+                "storage_unavailable",
+                f"the service cannot store uploads right now ({reason}); try again later",
+            ) from None
         if isinstance(exc, ClientDisconnect):
             raise ApiError(400, "bad_request", "the client went away during the upload") from None
         if isinstance(exc, FormParserError):
@@ -258,6 +267,17 @@ async def receive_upload(
             await _drain(chunks)
         raise
     return sink.upload
+
+
+def _forget(store: ArtifactStore, job_id: str) -> None:
+    """Remove a refused upload's files; a store that cannot even delete is logged, not raised.
+
+    It runs while another error is on its way to the client, which must not become a 500.
+    """
+    try:
+        store.delete_job(job_id)
+    except OSError:
+        log.warning("could not remove the files of refused upload %s", job_id, exc_info=True)
 
 
 def _field_of(name: str) -> str:
