@@ -132,6 +132,9 @@ def sanitize(
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
     ),
+    sharpness_radius: Annotated[float, typer.Option(help=_help("sharpness_radius"))] = _default(
+        "sharpness_radius"
+    ),
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
@@ -157,6 +160,7 @@ def sanitize(
             augment=augment,
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
+            sharpness_radius=sharpness_radius,
             seed=seed,
         )
     except ValidationError as exc:

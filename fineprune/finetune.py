@@ -3,6 +3,12 @@
 The epoch is picked on a validation slice carved from the tuning data, never on the held-out
 split the report quotes. Channels that surgery had to zero (not remove) are zeroed again after
 every step, so training cannot bring a pruned channel back.
+
+With a sharpness radius, each step first climbs to the worst weights within that radius and
+takes its gradient there (adaptive SAM, as FT-SAM uses it: Zhu et al., ICCV 2023). A backdoor
+sits in a sharp minimum that plain fine-tuning on a little clean data does not leave; the
+perturbation pushes the weights that carry it, and only those that matter for clean data
+are pulled back.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class FineTuneSettings:
     patience: int
     freeze_batchnorm: bool
     seed: int
+    sharpness_radius: float = 0.0  # 0: plain fine-tuning; >0: adaptive SAM with this rho
 
 
 @dataclass
@@ -52,6 +59,56 @@ class _KeepZeroed(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         for variable, mask in self._targets:
             variable.assign(tf.where(mask, tf.zeros_like(variable), variable))
+
+
+class SharpnessAware(keras.Model):
+    """Trains `inner` (sharing its variables) with adaptive sharpness-aware minimization.
+
+    ASAM (Kwon et al. 2021): the ascent step is rho * T^2 g / ||T g|| with T = |w|, so the
+    radius is relative to each weight's size and one rho suits every layer.
+    """
+
+    def __init__(self, inner: keras.Model, radius: float) -> None:
+        super().__init__(name=f"{inner.name}_sam")
+        self.inner = inner
+        self.radius = radius
+
+    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.inner(inputs, training=training)
+
+    def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        x, y = data
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        grads = tape.gradient(loss, variables)
+        scaled = [
+            tf.zeros_like(v) if g is None else g * tf.abs(v)
+            for g, v in zip(grads, variables, strict=True)
+        ]
+        norm = tf.linalg.global_norm(scaled) + 1e-12
+        steps = [self.radius * s * tf.abs(v) / norm for s, v in zip(scaled, variables, strict=True)]
+        for variable, step in zip(variables, steps, strict=True):
+            variable.assign_add(step)
+        with tf.GradientTape() as tape:
+            sharp_loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+        sharp_grads = tape.gradient(sharp_loss, variables)
+        for variable, step in zip(variables, steps, strict=True):
+            variable.assign_sub(step)
+        self.optimizer.apply(
+            [
+                tf.zeros_like(v) if g is None else g
+                for g, v in zip(sharp_grads, variables, strict=True)
+            ],
+            variables,
+        )
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return self.get_metrics_result()
 
 
 def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -126,7 +183,10 @@ def fine_tune(
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
-    model.compile(
+    trainer = (
+        SharpnessAware(model, settings.sharpness_radius) if settings.sharpness_radius else model
+    )
+    trainer.compile(
         optimizer=_optimizer(settings, settings.epochs * -(-len(train) // settings.batch_size)),
         loss=loss,
         metrics=["accuracy"],
@@ -144,7 +204,7 @@ def fine_tune(
     for epoch in range(1, settings.epochs + 1):
         if should_stop is not None and should_stop():
             break
-        fit = model.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
+        fit = trainer.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
         val_loss, val_accuracy = _validation_loss(model, loss, validation, classes)
         record = {
             "epoch": epoch,

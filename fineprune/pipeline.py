@@ -135,7 +135,9 @@ def sanitize(
             )
         else:
             curve, pruned_channels = [], np.array([], dtype=np.int64)
-            decision = PruneDecision(rule="none", pruned=0, reason="defense is fine-tuning alone")
+            decision = PruneDecision(
+                rule="none", pruned=0, reason=f"defense {options.defense} does not prune"
+            )
             baseline = _metrics(model, splits)
 
     with run.stage("cut"):
@@ -143,7 +145,7 @@ def sanitize(
             result = cut(model, path, pruned_channels)
             _check_surgery(path, result, splits.evaluation.x[:64], pruned_channels, warnings)
         else:
-            result = CutResult(model, "none", "defense is fine-tuning alone", [], [])
+            result = CutResult(model, "none", f"defense {options.defense} does not prune", [], [])
         pruned_model = result.model
         pruned_metrics = _metrics(pruned_model, splits)
 
@@ -160,6 +162,7 @@ def sanitize(
                 patience=options.patience,
                 freeze_batchnorm=options.freeze_batchnorm,
                 seed=options.seed,
+                sharpness_radius=options.sharpness,
             )
             tuning = fine_tune(
                 pruned_model,

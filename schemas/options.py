@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Defense = Literal["fine-pruning", "pruning", "fine-tuning"]
+Defense = Literal["fine-pruning", "pruning", "fine-tuning", "fine-pruning-sam", "ft-sam"]
+PRUNING_DEFENSES = ("fine-pruning", "pruning", "fine-pruning-sam")
+TUNING_DEFENSES = ("fine-pruning", "fine-tuning", "fine-pruning-sam", "ft-sam")
+SHARPNESS_DEFENSES = ("fine-pruning-sam", "ft-sam")
 
 
 class SanitizeOptions(BaseModel):
@@ -16,7 +19,9 @@ class SanitizeOptions(BaseModel):
 
     defense: Defense = Field(
         "fine-pruning",
-        description="fine-pruning (prune, then fine-tune), pruning alone, or fine-tuning alone.",
+        description="fine-pruning (prune, then fine-tune), pruning alone, fine-tuning alone, "
+        "ft-sam (fine-tuning with sharpness-aware minimization, Zhu et al. 2023), or "
+        "fine-pruning-sam (prune, then ft-sam).",
     )
     layer: str | None = Field(
         None,
@@ -80,18 +85,30 @@ class SanitizeOptions(BaseModel):
     patience: int = Field(
         10, ge=1, le=1000, description="Stop fine-tuning after this many epochs without progress."
     )
+    sharpness_radius: float = Field(
+        2.0,
+        gt=0.0,
+        le=10.0,
+        description="Radius rho of adaptive sharpness-aware minimization, relative to each "
+        "weight's size; used by the ft-sam and fine-pruning-sam defenses.",
+    )
     seed: int = Field(0, ge=0, description="Seed for the data split, shuffling and augmentation.")
 
     @model_validator(mode="after")
     def _defense_needs(self) -> SanitizeOptions:
-        if self.defense == "fine-tuning" and self.prune_fraction not in (None, 0.0):
-            raise ValueError("prune_fraction makes no sense with defense 'fine-tuning'")
+        if not self.prunes and self.prune_fraction not in (None, 0.0):
+            raise ValueError(f"prune_fraction makes no sense with defense {self.defense!r}")
         return self
 
     @property
     def prunes(self) -> bool:
-        return self.defense in ("fine-pruning", "pruning")
+        return self.defense in PRUNING_DEFENSES
 
     @property
     def fine_tunes(self) -> bool:
-        return self.defense in ("fine-pruning", "fine-tuning") and self.epochs > 0
+        return self.defense in TUNING_DEFENSES and self.epochs > 0
+
+    @property
+    def sharpness(self) -> float:
+        """The SAM radius fine-tuning uses: 0 for the plain defenses."""
+        return self.sharpness_radius if self.defense in SHARPNESS_DEFENSES else 0.0

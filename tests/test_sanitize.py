@@ -11,8 +11,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from factories import save_npz, textures, train_backdoored, trigger_set
 
+from fineprune.finetune import SharpnessAware
 from fineprune.pipeline import Inputs, sanitize
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
@@ -190,3 +192,55 @@ def test_cli_help_explains_every_option():
         "--json",
     ):
         assert option in done.stdout
+
+
+def test_sharpness_aware_step_takes_the_gradient_at_the_perturbed_weights():
+    """One ASAM step by hand: w - lr * grad(w + rho * T^2 g / ||T g||), T = |w|."""
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    y = np.random.default_rng(1).normal(size=(8, 2)).astype(np.float32)
+    start = [w.copy() for w in inner.get_weights()]
+
+    def grads(weights: list[np.ndarray]) -> list[np.ndarray]:
+        probe = keras.models.clone_model(inner)
+        probe.set_weights(weights)
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, probe(x))
+        return [g.numpy() for g in tape.gradient(loss, probe.trainable_variables)]
+
+    g = grads(start)
+    norm = np.sqrt(sum(((gi * np.abs(w)) ** 2).sum() for gi, w in zip(g, start, strict=True)))
+    ascent = [w + 0.5 * np.abs(w) ** 2 * gi / norm for gi, w in zip(g, start, strict=True)]
+    expected = [w - 0.1 * gi for w, gi in zip(start, grads(ascent), strict=True)]
+
+    trainer = SharpnessAware(inner, radius=0.5)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(inner.get_weights(), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("defense", ["ft-sam", "fine-pruning-sam"])
+def test_sharpness_aware_defenses_run_through_the_pipeline(files, tmp_path: Path, defense: str):
+    report = sanitize(
+        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        tmp_path / "out",
+        SanitizeOptions(defense=defense, epochs=3),
+    )
+    assert (report.surgery is not None) == (defense == "fine-pruning-sam")
+    assert report.options.sharpness == report.options.sharpness_radius > 0
+    assert report.fine_tuning is not None and report.fine_tuning.epochs_run == 3
+    assert report.fine_pruned.clean_accuracy.value >= report.baseline.clean_accuracy.value - 0.04
+    sanitized = keras.models.load_model(tmp_path / "out" / "sanitized.keras", compile=False)
+    before = _accuracy(keras.models.load_model(files["keras"], compile=False), files["independent"])
+    assert _accuracy(sanitized, files["independent"]) >= before - 0.04
+    assert [layer.name for layer in sanitized.layers] == [
+        layer.name for layer in keras.models.load_model(files["keras"], compile=False).layers
+    ]
+
+
+def test_plain_defenses_do_not_use_sharpness():
+    assert SanitizeOptions(defense="fine-pruning").sharpness == 0.0
+    with pytest.raises(ValueError, match="prune_fraction"):
+        SanitizeOptions(defense="ft-sam", prune_fraction=0.3)
