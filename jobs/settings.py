@@ -15,6 +15,8 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024**2
+GiB = 1024**3
+MIN_JOB_MEMORY = 512 * MiB  # TensorFlow cannot even start with less heap (measured)
 
 
 def _env(name: str, *bare: str) -> AliasChoices:
@@ -80,6 +82,25 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         1.0, ge=0.0, description="Least seconds between two progress writes of one job."
     )
+    job_memory_bytes: int = Field(
+        8 * GiB,
+        ge=0,
+        description="Heap (RLIMIT_DATA: private writable memory, thread stacks included) of the "
+        "process that runs a job; over it the job fails 'out_of_memory'. 0: no limit; else at "
+        "least 512 MiB, below which TensorFlow cannot start.",
+    )
+    job_cpu_seconds: int = Field(
+        4 * 3600,
+        ge=0,
+        description="CPU seconds (RLIMIT_CPU, all threads together) of the process that runs a "
+        "job; over it the job fails 'timeout'. A backstop under task_soft_time_limit, which "
+        "counts wall time: 4 h is that hour on four busy cores. 0: no limit.",
+    )
+    test_hook_file: Path | None = Field(
+        None,
+        description="Tests only: while this file exists, its content (sigkill, segfault, exit, "
+        "probe) is a fault the job's process simulates. Never set it in production.",
+    )
 
     callback_secret: str | None = Field(
         None, description="HMAC key for callback signatures; callbacks are refused without it."
@@ -109,6 +130,11 @@ class Settings(BaseSettings):
     def _limits_agree(self) -> Settings:
         if self.task_soft_time_limit >= self.task_time_limit:
             raise ValueError("task_soft_time_limit must be below task_time_limit")
+        if 0 < self.job_memory_bytes < MIN_JOB_MEMORY:
+            raise ValueError(
+                "job_memory_bytes is in bytes, and TensorFlow cannot start with less than "
+                f"{MIN_JOB_MEMORY} (512 MiB); 0 means no limit"
+            )
         if self.visibility_timeout <= self.task_time_limit:
             raise ValueError(
                 "visibility_timeout must exceed task_time_limit: otherwise Redis redelivers a "
