@@ -1,8 +1,9 @@
 """The Celery app of the workers: `celery -A workers.app worker --queues fineprune`.
 
 Importing this module must stay cheap and must not import TensorFlow or Keras: the prefork
-pool forks children from this process, and TensorFlow does not survive a fork. Tasks import
-the engine lazily, inside the child.
+pool forks children from this process, and TensorFlow does not survive a fork. Neither main
+process nor pool child ever imports the engine: each job runs it in a fresh process of its own
+(`workers.isolation`).
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@
 Delivery is at least once (late acks, requeue when a worker dies), so `sanitize_job` makes
 running exactly once its own business: the record says whether a job is already final, and
 counts deliveries so a job that keeps killing its worker is failed instead of looping.
+
+The engine itself runs in a process of its own per job (`workers.isolation`): this module,
+and the pool child that runs it, never import TensorFlow or open an uploaded model.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from contextlib import ExitStack
 from functools import lru_cache
@@ -27,10 +28,10 @@ from jobs.queue import CALLBACK_TASK, PURGE_TASK, SANITIZE_TASK
 from jobs.records import FileRecordStore, JobRecord, now, summary_from_report, to_resource
 from jobs.retention import purge_expired
 from jobs.storage import LocalArtifactStore
+from workers import isolation
 from workers.app import app, settings
 
 log = logging.getLogger(__name__)
-_tensorflow_ready = False
 
 
 @lru_cache
@@ -55,69 +56,62 @@ class JobTask(Task):
                 f"the job ran past the hard time limit of {settings.task_time_limit} s "
                 "and its worker was stopped",
             )
+            isolation.remove_scratch(_work_root(), str(args[0]))
             if record is not None and record.callback is not None:
                 deliver_callback.apply_async((record.id,), queue=record.queue)
 
 
-def _configure_tensorflow() -> None:
-    """Import TensorFlow in this child, once, letting GPU memory grow instead of grabbing it.
-
-    Only the child imports it; the first task pays the import. Memory growth must be set
-    before TensorFlow touches a GPU, so it is the first thing done after the import. On the
-    `fineprune-gpu` queue (one child per GPU) this lets the engine share the card politely.
-    """
-    global _tensorflow_ready
-    if _tensorflow_ready:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import tensorflow as tf
-
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # already initialised in this process
-            log.warning("could not enable memory growth on %s", gpu.name)
-    _tensorflow_ready = True
+def _work_root() -> Path:
+    """Where each job's process gets its scratch directory."""
+    return settings.state_dir / "work"
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+def _test_hook() -> str | None:
+    """The fault a test asked this worker to simulate (from the worker's settings only)."""
+    path = settings.test_hook_file
+    if path is None:
+        return None
+    try:
+        hook = path.read_text().strip()
+    except OSError:
+        return None
+    if hook not in isolation.TEST_HOOKS:
+        log.warning("ignoring unknown test hook %r in %s", hook, path)
+        return None
+    return hook
 
 
 def _run(record: JobRecord) -> JobRecord | None:
-    """The engine on the job's inputs; results published, or the job failed/cancelled."""
+    """The engine on the job's inputs, in its own process; results published, or failed."""
     records, store = _stores()
     job_id = record.id
+    isolation.remove_scratch(_work_root(), job_id)  # left by an attempt whose worker died
     try:
-        _configure_tensorflow()
-        from fineprune.pipeline import Inputs, sanitize
-
-        work_root = settings.state_dir / "work"
-        work_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{job_id}-", dir=work_root) as work:
-            with ExitStack() as stack:
-                paths = {
-                    role: stack.enter_context(store.local_path(job_id, name))
-                    for role, name in record.input_names.items()
-                }
-                out = Path(work) / "out"
-                report = sanitize(
-                    Inputs(
-                        model_path=paths["model"],
-                        data_path=paths["data"],
-                        trigger_path=paths.get("trigger_data"),
-                        test_path=paths.get("test_data"),
-                    ),
-                    out,
+        with ExitStack() as stack:
+            paths = {
+                role: stack.enter_context(store.local_path(job_id, name))
+                for role, name in record.input_names.items()
+            }
+            result = stack.enter_context(
+                isolation.sanitize_isolated(
+                    paths,
                     record.options,
+                    work_root=_work_root(),
+                    limits=isolation.Limits(settings.job_memory_bytes, settings.job_cpu_seconds),
                     progress=lifecycle.ProgressWriter(records, job_id, settings.progress_interval),
                     should_cancel=lambda: records.cancel_requested(job_id),
+                    label=job_id,
+                    test_hook=_test_hook(),
                 )
+            )
+            report = result.report
             return lifecycle.publish_success(
-                records, store, job_id, out, summary_from_report(report), dict(report.timings)
+                records,
+                store,
+                job_id,
+                result.out_dir,
+                summary_from_report(report),
+                dict(report.timings),
             )
     except CancelledError:
         log.info("job %s cancelled", job_id)
@@ -125,12 +119,15 @@ def _run(record: JobRecord) -> JobRecord | None:
     except SoftTimeLimitExceeded:
         message = f"the job ran past its time limit of {settings.task_soft_time_limit} s"
         return lifecycle.fail(records, job_id, "timeout", message)
+    except isolation.IsolationFailure as exc:
+        log.warning("job %s failed: %s: %s", job_id, exc.kind, exc.message)
+        return lifecycle.fail(records, job_id, exc.kind, exc.message)
     except FinePruneError as exc:
         log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
         return lifecycle.fail(records, job_id, exc.kind, exc.message)
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job_id)
-        return lifecycle.fail(records, job_id, "internal", _one_line(exc))
+        return lifecycle.fail(records, job_id, "internal", isolation.one_line(exc))
 
 
 @app.task(bind=True, base=JobTask, name=SANITIZE_TASK)
@@ -179,7 +176,7 @@ def deliver_callback(self: Task, job_id: str) -> str:
     except CallbackRefused as exc:
         error, retry = str(exc), False
     except httpx.HTTPError as exc:
-        error = f"callback failed: {_one_line(exc)}"
+        error = f"callback failed: {isolation.one_line(exc)}"
 
     def note(r: JobRecord) -> bool:
         if r.callback is None:
