@@ -286,17 +286,32 @@ def load_labelled(
 def load_clean(path: Path, signature: ModelSignature, rescale: float | None) -> LabelledData:
     """The defender's clean data; enough of it, and more than one class."""
     data = load_labelled(path, signature, "clean", rescale)
-    present = np.unique(data.y)
+    check_clean_classes(data.y)
+    return data
+
+
+def check_clean_classes(labels: np.ndarray) -> None:
+    """More than one class, and enough samples to split every class into tune and holdout."""
+    present = np.unique(labels)
     if len(present) < 2:
         raise InvalidDataError(
             f"clean data has only class {present[0]}: accuracy on one class measures nothing"
         )
-    if len(data) < max(20, 2 * len(present)):
+    if len(labels) < max(20, 2 * len(present)):
         raise InvalidDataError(
-            f"clean data has {len(data)} samples for {len(present)} classes; need at least "
+            f"clean data has {len(labels)} samples for {len(present)} classes; need at least "
             f"{max(20, 2 * len(present))} to split into tuning and held-out parts"
         )
-    return data
+
+
+def trigger_targets(target: np.ndarray, n: int) -> np.ndarray:
+    """One target per triggered sample: a single `target` (or a one-element `y_target`) repeats.
+
+    Repeated as it is, not through int(): a NaN target must reach the label checks.
+    """
+    if target.ndim == 0 or target.size == 1:
+        return np.repeat(target.reshape(1), n)
+    return target
 
 
 def load_trigger(path: Path, signature: ModelSignature, rescale: float | None) -> LabelledData:
@@ -305,10 +320,7 @@ def load_trigger(path: Path, signature: ModelSignature, rescale: float | None) -
     target_key = "y_target" if "y_target" in names else "target"
     arrays = read_npz(path, "trigger", ("x", target_key))
     x = prepare_inputs(arrays["x"], signature, "trigger", rescale)
-    target = arrays[target_key]
-    if target.ndim == 0 or target.size == 1:
-        target = np.full(len(x), int(target.reshape(-1)[0]))
-    y = prepare_labels(target, len(x), signature, "trigger")
+    y = prepare_labels(trigger_targets(arrays[target_key], len(x)), len(x), signature, "trigger")
     return LabelledData(x, y)
 
 

@@ -148,7 +148,8 @@ class ModelFileInfo:
     input_shape: tuple[int | None, ...] | None
     """Shape of the first input, batch dimension included (like `keras.Model.input_shape`)."""
     output_units: int | None
-    """`units` of the last Dense layer in config order, when the config says it."""
+    """Classes of the output: `units` of the Dense that makes it (through activations, dropout
+    and normalization), when the config says so plainly; else None."""
 
 
 def detect_format(path: str | os.PathLike[str]) -> ModelFormat:
@@ -189,7 +190,7 @@ def inspect_model_file(path: str | os.PathLike[str]) -> ModelFileInfo:
         config=config,
         layer_classes=layer_classes,
         input_shape=_first_input_shape(config),
-        output_units=_last_dense_units(config),
+        output_units=_output_units(config),
     )
 
 
@@ -634,21 +635,80 @@ def _first_input_shape(model: dict[str, Any]) -> tuple[int | None, ...] | None:
     return _as_shape(config.get("build_input_shape")) if isinstance(config, dict) else None
 
 
-def _last_dense_units(model: dict[str, Any], depth: int = 0) -> int | None:
+# Layers whose output is as wide as their input: the class count passes through them.
+_SAME_WIDTH_LAYERS = frozenset(
+    {
+        "Activation", "ActivityRegularization", "AlphaDropout", "BatchNormalization", "Dropout",
+        "ELU", "GaussianDropout", "GaussianNoise", "Identity", "LayerNormalization", "LeakyReLU",
+        "PReLU", "RMSNormalization", "ReLU", "Softmax", "UnitNormalization",
+    }
+)  # fmt: skip
+
+
+def _output_units(model: dict[str, Any], depth: int = 0) -> int | None:
+    """The class count the config states plainly: `units` of the Dense making the output.
+
+    Followed back from the (single) output through activations, dropout and normalization,
+    into nested models; None for anything else, so callers never refuse on a guess.
+    """
     if depth > MAX_CONFIG_DEPTH:
         return None
-    for layer in reversed(_layer_dicts(model)):
-        class_name = layer.get("class_name")
-        if class_name == "Dense":
-            config = layer.get("config")
-            units = config.get("units") if isinstance(config, dict) else None
-            if isinstance(units, int) and not isinstance(units, bool):
-                return units
+    layers = _layer_dicts(model)
+    if model.get("class_name") == "Sequential":
+        for layer in reversed(layers):
+            kind = layer.get("class_name")
+            if kind in _SAME_WIDTH_LAYERS:
+                continue
+            return _units_of(layer, depth)
+        return None
+    by_name = {_name_of(layer): layer for layer in layers if isinstance(_name_of(layer), str)}
+    name = _single_output_name(model)
+    for _ in range(len(by_name) + 1):
+        layer = by_name.get(name) if isinstance(name, str) else None
+        if layer is None:
             return None
-        if class_name in _MODEL_CLASSES:
-            units = _last_dense_units(layer, depth + 1)
-            if units is not None:
-                return units
+        if layer.get("class_name") not in _SAME_WIDTH_LAYERS:
+            return _units_of(layer, depth)
+        name = _first_inbound_name(layer)
+    return None
+
+
+def _units_of(layer: dict[str, Any], depth: int) -> int | None:
+    kind = layer.get("class_name")
+    if kind in _MODEL_CLASSES:
+        return _output_units(layer, depth + 1)
+    if kind != "Dense":
+        return None
+    config = layer.get("config")
+    units = config.get("units") if isinstance(config, dict) else None
+    return units if isinstance(units, int) and not isinstance(units, bool) else None
+
+
+def _single_output_name(model: dict[str, Any]) -> Any:
+    """The output layer's name when the model has exactly one output: [name, 0, 0] or [[...]]."""
+    config = model.get("config")
+    entry = config.get("output_layers") if isinstance(config, dict) else None
+    if isinstance(entry, list) and len(entry) == 1 and isinstance(entry[0], list):
+        entry = entry[0]
+    if isinstance(entry, list) and entry and isinstance(entry[0], str):
+        return entry[0]
+    return None
+
+
+def _first_inbound_name(layer: dict[str, Any]) -> Any:
+    """Name of the layer feeding this one's first input, Keras 3 or legacy Keras 2 config."""
+    nodes = layer.get("inbound_nodes")
+    if not isinstance(nodes, list) or len(nodes) != 1:
+        return None
+    node = nodes[0]
+    if isinstance(node, dict):  # Keras 3: {"args": [{"config": {"keras_history": [...]}}]}
+        args = node.get("args")
+        first = args[0] if isinstance(args, list) and args else None
+        config = first.get("config") if isinstance(first, dict) else None
+        history = config.get("keras_history") if isinstance(config, dict) else None
+        return history[0] if isinstance(history, list) and history else None
+    if isinstance(node, list) and node and isinstance(node[0], list) and node[0]:
+        return node[0][0]  # Keras 2: [[name, node_index, tensor_index, kwargs]]
     return None
 
 

@@ -1,7 +1,8 @@
 """Cheap checks of uploaded inputs, run by the API before a job is queued.
 
-They read the model's container and config, the .npz directory and the .npy headers, and no
-array data: a bad upload is refused in milliseconds instead of minutes later in a worker.
+They read the model's container and config, the .npz directory, the .npy headers and the
+labels (a few bytes per sample), never the inputs: a bad upload is refused in milliseconds
+instead of minutes later in a worker.
 No TensorFlow or Keras here; the engine repeats every check when it really loads the data.
 """
 
@@ -11,7 +12,16 @@ import logging
 import math
 from pathlib import Path
 
-from fineprune.data import ArrayHeader, read_npz_headers
+import numpy as np
+
+from fineprune.data import (
+    ArrayHeader,
+    ModelSignature,
+    check_clean_classes,
+    prepare_labels,
+    read_npz_headers,
+    trigger_targets,
+)
 from fineprune.errors import FinePruneError, InvalidDataError, InvalidModelError
 from fineprune.inspection import ModelFileInfo, inspect_model_file, layer_index
 from schemas.options import SanitizeOptions
@@ -19,6 +29,8 @@ from schemas.options import SanitizeOptions
 log = logging.getLogger(__name__)
 
 MIN_CLEAN_SAMPLES = 20
+MAX_LABEL_BYTES = 64 * 1024**2
+"""Labels up to this size are read at submit (range, classes); bigger ones only by the worker."""
 
 
 class InputRejected(Exception):
@@ -83,6 +95,26 @@ def _check_labels(
         raise InvalidDataError(f"{role} {key} has shape {y.shape}; expected (samples,)")
 
 
+def _check_label_values(
+    path: Path, role: str, key: str, header: ArrayHeader, n: int, units: int | None
+) -> None:
+    """Label range and class counts, as the engine checks them, from the (small) label array.
+
+    Labels are a few bytes per sample, so reading them here spares a queued job that would
+    fail in the worker. Skipped when the config does not state the class count plainly or the
+    labels are unusually big: the worker still checks everything.
+    """
+    if units is None or header.nbytes > MAX_LABEL_BYTES:
+        return
+    with np.load(path, allow_pickle=False) as npz:
+        y = npz[key]
+    if role == "trigger":
+        y = trigger_targets(y, n)
+    labels = prepare_labels(y, n, ModelSignature(input_shape=(), classes=units), role)
+    if role == "clean":
+        check_clean_classes(labels)
+
+
 def check_labelled(path: Path, role: str, field: str, info: ModelFileInfo) -> int:
     """Clean or test data: members `x` and `y` that fit the model; returns the sample count."""
     try:
@@ -96,6 +128,7 @@ def check_labelled(path: Path, role: str, field: str, info: ModelFileInfo) -> in
         _check_x(headers["x"], role, info.input_shape)
         n = headers["x"].shape[0]
         _check_labels(headers["y"], n, role, "y", info.output_units, scalar_ok=False)
+        _check_label_values(path, role, "y", headers["y"], n, info.output_units)
     except FinePruneError as exc:
         raise InputRejected(field, exc.kind, exc.message) from exc
     except Exception as exc:
@@ -116,6 +149,7 @@ def check_trigger(path: Path, info: ModelFileInfo) -> int:
         _check_x(headers["x"], "trigger", info.input_shape)
         n = headers["x"].shape[0]
         _check_labels(headers[key], n, "trigger", key, info.output_units, scalar_ok=True)
+        _check_label_values(path, "trigger", key, headers[key], n, info.output_units)
     except FinePruneError as exc:
         raise InputRejected("trigger_data", exc.kind, exc.message) from exc
     except Exception as exc:
