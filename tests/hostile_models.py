@@ -7,8 +7,10 @@ marker after saving: only a run at load time can bring it back.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -26,16 +28,16 @@ H5Attack = Literal[
 ]
 
 
-def tiny_model(seed: int = 0) -> keras.Model:
-    """About 2,000 parameters on 16x16x1 inputs: big enough to be a real CNN, fast to save."""
+def tiny_model(seed: int = 0, classes: int = 10, channels: int = 1) -> keras.Model:
+    """About 2,000 parameters on 16x16 inputs: big enough to be a real CNN, fast to save."""
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
-            keras.Input((16, 16, 1), name="image"),
+            keras.Input((16, 16, channels), name="image"),
             keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
             keras.layers.MaxPooling2D(2, name="pool"),
             keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(10, activation="softmax", name="dense"),
+            keras.layers.Dense(classes, activation="softmax", name="dense"),
         ],
         name="tiny",
     )
@@ -102,16 +104,66 @@ class HostileDense(keras.layers.Dense):
         return super().from_config(config)
 
 
-def save_custom_layer_model(path: Path, marker: Path) -> Path:
-    model = keras.Sequential(
-        [
-            keras.Input((16, 16, 1)),
-            keras.layers.Flatten(),
-            HostileDense(10, marker=str(marker), name="my_layer"),
-        ]
-    )
+def save_custom_layer_model(
+    path: Path, marker: Path, hiding: Literal["top", "nested_sequential"] = "top"
+) -> Path:
+    """A model with the registered HostileDense, at top level or inside a nested Sequential."""
+    layer = HostileDense(10, marker=str(marker), name="my_layer")
+    if hiding == "nested_sequential":
+        layer = keras.Sequential([keras.Input((256,)), layer], name="inner")
+    model = keras.Sequential([keras.Input((16, 16, 1)), keras.layers.Flatten(), layer])
     _save_and_forget(model, path, marker)
     return path
+
+
+def save_nested_model(path: Path) -> Path:
+    """A plain model with a nested Sequential 'inner' holding Dense 'inner_dense'.
+
+    Hostile variants replace 'inner_dense' in the saved config (`replace_layer`), so the
+    checks must walk into nested models to find them.
+    """
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential(
+        [keras.Input((16,)), keras.layers.Dense(16, name="inner_dense")], name="inner"
+    )
+    inp = keras.Input((16, 16, 1), name="image")
+    x = keras.layers.Flatten(name="flatten")(inp)
+    x = keras.layers.Dense(16, name="hidden")(x)
+    out = keras.layers.Dense(10, activation="softmax", name="dense")(inner(x))
+    keras.Model(inp, out, name="nested").save(path)
+    return path
+
+
+def find_layer(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The layer dict called `name` anywhere in a model config, nested models included."""
+    for layer in config["config"]["layers"]:
+        if layer["config"].get("name") == name:
+            return layer
+        if layer["class_name"] in ("Sequential", "Functional", "Model"):
+            try:
+                return find_layer(layer, name)
+            except KeyError:
+                pass
+    raise KeyError(name)
+
+
+def replace_layer(name: str, **fields: Any) -> Callable[[dict[str, Any]], None]:
+    """A config edit that overwrites fields of layer `name` (found at any depth)."""
+
+    def edit(config: dict[str, Any]) -> None:
+        find_layer(config, name).update(fields)
+
+    return edit
+
+
+def tfsm_layer(name: str, filepath: Path) -> dict[str, Any]:
+    """The serialized form of a TFSMLayer that would load and run a SavedModel."""
+    return {
+        "module": "keras.layers",
+        "class_name": "TFSMLayer",
+        "config": {"name": name, "filepath": str(filepath), "call_endpoint": "serve"},
+        "registered_name": None,
+    }
 
 
 def _save_and_forget(model: keras.Model, path: Path, marker: Path) -> None:
@@ -264,3 +316,117 @@ def evil_module(directory: Path, name: str, marker: Path) -> Path:
     module = directory / f"{name}.py"
     module.write_text(source)
     return module
+
+
+# --------------------------------------------------------------------------- broken files
+
+
+def truncated(src: Path, dst: Path, fraction: float = 0.5) -> Path:
+    """The first `fraction` of a file, as an interrupted upload leaves it."""
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def random_bytes(dst: Path, n: int = 4096, seed: int = 0) -> Path:
+    dst.write_bytes(np.random.default_rng(seed).bytes(n))
+    return dst
+
+
+def corrupt_member_stream(src: Path, dst: Path, member: str) -> Path:
+    """Deflate every member of a zip, then garble `member`'s compressed bytes.
+
+    The directory stays valid, so only decompressing the member finds out (zlib.error).
+    """
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    data = bytearray(dst.read_bytes())
+    with zipfile.ZipFile(dst) as zf:
+        info = zf.getinfo(member)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start, start + min(64, info.compress_size)):
+        data[i] ^= 0xFF
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def patch_zip_headers(
+    src: Path, dst: Path, flag_bits: int = 0, compress_type: int | None = None
+) -> Path:
+    """Set flag bits (0x1: encrypted) or the compression method in every header of a zip.
+
+    Written by hand because zipfile cannot write encrypted or Deflate64 members; the
+    member data stays as it was, so only the headers lie.
+    """
+    data = bytearray(src.read_bytes())
+    for signature, flags_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        at = data.find(signature)
+        while at != -1:
+            flags = struct.unpack_from("<H", data, at + flags_at)[0] | flag_bits
+            struct.pack_into("<H", data, at + flags_at, flags)
+            if compress_type is not None:
+                struct.pack_into("<H", data, at + method_at, compress_type)
+            at = data.find(signature, at + 4)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+# --------------------------------------------------------------------------- hostile .npz
+
+
+class PicklePayload:
+    """An object whose unpickling touches `marker`: what an object array in an .npz can hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = Path(marker)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def npz_with_pickles(path: Path, marker: Path, n: int = 40, key: str = "x") -> Path:
+    """An .npz whose `key` is an object array of payloads (and a plain `y`)."""
+    objects = np.empty(n, dtype=object)
+    objects[:] = [PicklePayload(marker) for _ in range(n)]
+    arrays = {"x": np.zeros((n, 16, 16, 3), np.float32), "y": np.arange(n) % 4}
+    arrays[key] = objects
+    np.savez(path, **arrays)
+    return path
+
+
+def npz_bomb(path: Path, megabytes: int = 64) -> Path:
+    """An .npz whose x.npy is `megabytes` of zeros deflated about a thousandfold."""
+    header = io.BytesIO()
+    shape = (megabytes * 1024**2 // (16 * 16 * 3 * 4), 16, 16, 3)
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
+    chunk = bytes(1024**2)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            for _ in range(megabytes):
+                member.write(chunk)
+        y = io.BytesIO()
+        np.save(y, np.arange(shape[0]) % 4)
+        archive.writestr("y.npy", y.getvalue())
+    return path
+
+
+def npz_lying_header(path: Path, shape: tuple[int, ...], n_labels: int = 40) -> Path:
+    """An .npz whose x.npy header declares `shape` (float32) over a few KiB of data.
+
+    numpy allocates what the header declares before it reads the data.
+    """
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        member, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
+    member.write(bytes(4096))
+    y = io.BytesIO()
+    np.save(y, np.arange(n_labels) % 4)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", member.getvalue())
+        archive.writestr("y.npy", y.getvalue())
+    return path
