@@ -115,6 +115,30 @@ def _attack_paragraph(results: dict, attack: str) -> str:
     return text
 
 
+def _kept_after_pruning(results: dict, reports: dict[str, SanitizeReport]) -> str:
+    """Where the defender's surviving channels sit relative to the attacker's decoys."""
+    entry = results["attacks"].get("pruning-aware")
+    report = reports.get("pruning-aware-fine-pruning")
+    if entry is None or report is None or report.surgery is None:
+        return ""
+    channels = report.surgery.channels_before
+    kept = set(range(channels)) - set(report.surgery.removed_channels)
+    decoys = set(entry["decoys"])
+    tuned = outcome(results, "pruning-aware", "fine-tuning")["attack_success_rate"] or 0.0
+    pruned_then_tuned = outcome(results, "pruning-aware", "fine-pruning")["attack_success_rate"]
+    compare = (
+        "Fine-tuning the whole, unpruned model did better here."
+        if tuned < (pruned_then_tuned or 0.0)
+        else "Fine-tuning the whole, unpruned model did no better."
+    )
+    return (
+        f"After the defender's pruning, {len(kept)} channels remain, {len(kept - decoys)} of them "
+        f"among the {channels - len(decoys)} the attacker trained with the backdoor: pruning "
+        "removed every decoy and then stopped inside the backdoored channels, so fine-tuning "
+        "had to unlearn the backdoor with only those left. " + compare
+    )
+
+
 def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path, doc: Path) -> str:
     config, data = results["config"], results["data"]
     holds, notes = _verdict(results)
@@ -228,10 +252,15 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
         + f" (we call a backdoor removed below {SUCCESS_BAR:.0%} attack success and accept the "
         f"paper's {COST_BAR:g}-point budget).",
         "",
+        _best_defenses(results),
+        "",
+        _kept_after_pruning(results, reports),
+        "",
         _seed_study_note(results, pa),
         "",
         "## Limits",
         "",
+        _rule_gap(results),
         "- One training seed per attack. TensorFlow on CPU is not bit-reproducible, so a "
         "re-run moves these numbers by a few points. Sampling error alone: the test set's "
         f"{data['test_images']} images give a clean accuracy near 95 % a standard error of "
@@ -265,6 +294,42 @@ def _pruning_claim(results: dict) -> str:
             f"{_pct(pruned['attack_success_rate'])} after pruning to the 4-point drop"
         )
     return "; ".join(parts) + "."
+
+
+def _best_defenses(results: dict) -> str:
+    """Per attack, the defense with the lowest attack success within the 4-point budget."""
+    parts = []
+    for attack in results["attacks"]:
+        base = outcome(results, attack, "none")["clean_accuracy"]
+        affordable = [
+            (outcome(results, attack, d)["attack_success_rate"] or 0.0, d)
+            for d in ("pruning", "fine-tuning", "fine-pruning")
+            if 100 * (base - outcome(results, attack, d)["clean_accuracy"]) <= COST_BAR
+        ]
+        if affordable:
+            asr, defense = min(affordable)
+            parts.append(f"{SHORT.get(attack, attack)}: {DEFENSE_NAMES[defense]} ({_pct(asr)})")
+        else:
+            parts.append(f"{SHORT.get(attack, attack)}: none stayed within {COST_BAR:g} points")
+    return (
+        f"The lowest attack success within {COST_BAR:g} points of clean accuracy on the test set, "
+        "per attack: " + "; ".join(parts) + "."
+    )
+
+
+def _rule_gap(results: dict) -> str:
+    """What the defender's 4-point rule, measured on its own images, cost on the test set."""
+    parts = []
+    for attack in results["attacks"]:
+        base = outcome(results, attack, "none")["clean_accuracy"]
+        pruned = outcome(results, attack, "pruning")["clean_accuracy"]
+        parts.append(f"{SHORT.get(attack, attack)} {100 * (base - pruned):.1f}")
+    return (
+        "- The defender stops pruning at a 4-point drop *on its own images*; on the test set "
+        "the same pruning cost " + ", ".join(parts) + " points. Its images come from a few "
+        "hundred tracks of near-identical frames, so they flatter the model (and the "
+        "validation slice that picks the fine-tuning epoch reads close to 100 %)."
+    )
 
 
 def _seed_study_note(results: dict, pa: dict | None) -> str:

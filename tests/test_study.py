@@ -1,0 +1,56 @@
+"""docs/study.md says what docs/study/results.json measured: the write-up types in no number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas.report import SanitizeReport
+from study import write_up
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "docs" / "study"
+
+
+@pytest.fixture(scope="module")
+def measured() -> tuple[dict, dict[str, SanitizeReport]]:
+    results = json.loads((STUDY / "results.json").read_text())
+    reports = {
+        p.stem: SanitizeReport.model_validate_json(p.read_text())
+        for p in sorted((STUDY / "reports").glob("*.json"))
+    }
+    return results, reports
+
+
+def test_the_committed_write_up_is_what_the_results_render_to(measured):
+    results, reports = measured
+    rendered = write_up.render(results, reports, STUDY, ROOT / "docs" / "study.md")
+    committed = (ROOT / "docs" / "study.md").read_text()
+    # Only the generation date may differ.
+    assert rendered.splitlines()[3:] == committed.splitlines()[3:]
+
+
+def test_every_table_row_comes_from_the_reports(measured):
+    results, reports = measured
+    for attack in results["attacks"]:
+        for defense in ("pruning", "fine-tuning", "fine-pruning"):
+            report = reports[f"{attack}-{defense}"]
+            row = write_up.outcome(results, attack, defense)
+            assert row["clean_accuracy"] == report.fine_pruned.clean_accuracy.value
+            assert row["attack_success_rate"] == report.fine_pruned.attack_success_rate.value
+            assert report.fine_pruned.clean_accuracy.split == "test"
+    table = write_up.table(results)
+    assert table.count("\n") == 1 + 4 * len(results["attacks"])
+
+
+def test_a_different_measurement_changes_the_conclusion(measured):
+    results, reports = measured
+    changed = json.loads(json.dumps(results))
+    for entry in changed["attacks"].values():
+        entry["defenses"]["fine-pruning"]["after"]["attack_success_rate"] = 0.0
+        before = entry["defenses"]["fine-pruning"]["before"]["clean_accuracy"]
+        entry["defenses"]["fine-pruning"]["after"]["clean_accuracy"] = before
+    text = write_up.render(changed, reports, STUDY, ROOT / "docs" / "study.md")
+    assert "The paper's conclusion holds on traffic signs" in text
