@@ -21,7 +21,7 @@ from fineprune.channels import ChannelPath, activation_name, class_name, trace_c
 from fineprune.errors import PruningError
 from fineprune.graph import ModelGraph
 from fineprune.surgery import cut
-from fineprune.sweep import ChannelSweeper, _linear_op
+from fineprune.sweep import ChannelSweeper, linear_op
 
 Trainer = Callable[[keras.Model, np.ndarray, np.ndarray], keras.Model]
 
@@ -124,7 +124,7 @@ def _lower_decoy_biases(
     layer = model.get_layer(layer_name)
     features = keras.Model(model.inputs, layer.input).predict(x, batch_size=256, verbose=0)
     kernel, bias = layer.get_weights()[:2]
-    pre = _linear_op(layer, features, kernel[..., decoys]) + bias[decoys]
+    pre = linear_op(layer, features, kernel[..., decoys]) + bias[decoys]
     pre = pre.reshape(-1, len(decoys))
     shift = np.maximum(pre.max(axis=0), 0.0) + margin * pre.std(axis=0) + 1e-6
     weights = layer.get_weights()

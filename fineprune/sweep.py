@@ -300,7 +300,7 @@ class ChannelSweeper:
         """The mixer's kernel product over the selected input features only."""
         index = np.flatnonzero(features)
         kernel = self._kernel[id(mixer.node)][..., index, :]
-        return np.asarray(_linear_op(mixer.node.layer, x[..., index], kernel), np.float64)
+        return np.asarray(linear_op(mixer.node.layer, x[..., index], kernel), np.float64)
 
 
 class _ChannelMajor:
@@ -326,7 +326,7 @@ class _ChannelMajor:
         return (self.x[:, a:b] @ self.kernel[a:b]).reshape(self.shape)
 
 
-def _linear_op(layer: Any, x: np.ndarray, kernel: Any) -> np.ndarray:
+def linear_op(layer: Any, x: np.ndarray, kernel: Any) -> np.ndarray:
     """The layer's kernel product without bias or activation, on a subset of input features."""
     if class_name(layer) == "Dense":
         return np.tensordot(x, keras.ops.convert_to_numpy(kernel), axes=([-1], [0]))
