@@ -246,6 +246,7 @@ def _build_data(c: Corpus) -> None:
     c.add("pickle_y.npz", npz_with_pickles(c.path("pickle_y.npz"), c.marker("pickle_y"), key="y"))
     c.add("npz_bomb.npz", npz_bomb(c.path("npz_bomb.npz")))
     c.add("lying_header.npz", npz_lying_header(c.path("lying_header.npz"), (10**9, 16, 16, 3)))
+    c.add("short_member.npz", npz_lying_header(c.path("short_member.npz"), (40, 16, 16, 3)))
     c.add("encrypted.npz", patch_zip_headers(c.path("good.npz"), c.path("encrypted.npz"), 1))
     c.add(
         "deflate64.npz",
@@ -483,6 +484,9 @@ REFUSED: dict[str, Refused] = {
     "npz_bomb": invalid_data("npz_bomb.npz", "'x.npy'", "compression bomb"),
     "npz_header_declares_huge_shape": invalid_data(
         "lying_header.npz", "declares shape (1000000000, 16, 16, 3)", "header lies"
+    ),
+    "npz_header_declares_more_than_it_holds": invalid_data(
+        "short_member.npz", "declares shape (40, 16, 16, 3)", "holds 4096 bytes"
     ),
     "npz_array_twice": invalid_data("twice.npz", "array 'x' twice"),
     "npz_encrypted": invalid_data("encrypted.npz", "encrypted"),
