@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -38,7 +39,7 @@ from service.uploads import FILE_FIELDS, TEXT_FIELDS, Upload, receive_upload
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(401, 422))
 
-_OPTIONS_EXAMPLE = json.dumps({"defense": "fine-pruning", "max_accuracy_drop": 4.0, "epochs": 20})
+_OPTIONS_EXAMPLE = {"defense": "fine-pruning", "max_accuracy_drop": 4.0, "epochs": 20}
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -50,17 +51,19 @@ UPLOAD_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["model", "data"],
+                    # The parser refuses any other part (422 unknown_field): say so.
+                    "additionalProperties": False,
                     "properties": {
                         **{
                             name: {"type": "string", "format": "binary", "description": text}
                             for name, text in FILE_FIELDS.items()
                         },
+                        # One JSON-encoded part (see `encoding`): the object schema lets clients
+                        # and fuzzers build valid options instead of guessing at a string.
                         "options": {
-                            "type": "string",
-                            "contentMediaType": "application/json",
-                            "description": TEXT_FIELDS["options"]
-                            + "; see components/schemas/SanitizeOptions",
-                            "example": _OPTIONS_EXAMPLE,
+                            "$ref": "#/components/schemas/SanitizeOptions",
+                            "description": TEXT_FIELDS["options"],
+                            "examples": [_OPTIONS_EXAMPLE],
                         },
                         "callback_url": {
                             "type": "string",
@@ -76,6 +79,21 @@ UPLOAD_BODY: dict[str, Any] = {
             }
         },
     }
+}
+_LOCATION = {
+    "description": "The job's URL: /v1/jobs/{id}.",
+    "required": True,
+    "schema": {"type": "string"},
+}
+_ETAG = {
+    "description": "The model's sha256, quoted.",
+    "required": True,
+    "schema": {"type": "string"},
+}
+_DISPOSITION = {
+    "description": 'attachment; filename="sanitized-{id}.keras"',
+    "required": True,
+    "schema": {"type": "string"},
 }
 IdempotencyKey = Annotated[
     str | None,
@@ -105,11 +123,24 @@ def _created(record: JobRecord, status: int) -> JSONResponse:
     )
 
 
+def _finite(text: str) -> float:
+    """Python reads NaN, Infinity and 1e999 as floats that no JSON encoder writes back: such a
+    job used to be queued, and then its 202 answer failed as a 500."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is not a finite number")
+    return value
+
+
+def _not_json(constant: str) -> float:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _parse_options(raw: str | None) -> SanitizeOptions:
     if raw is None or not raw.strip():
         return SanitizeOptions()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_float=_finite, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         raise ApiError(
             422,
@@ -260,7 +291,12 @@ def _input_paths(store: StoreDep, job_id: str, upload: Upload) -> Iterator[dict[
     "submission.",
     openapi_extra=UPLOAD_BODY,
     responses={
-        200: {"model": JobResource, "description": "Idempotent replay: the job made first."},
+        202: {"headers": {"Location": _LOCATION}},
+        200: {
+            "model": JobResource,
+            "description": "Idempotent replay: the job made first.",
+            "headers": {"Location": _LOCATION},
+        },
         **error_responses(400, 401, 413, 415, 422, 503),
     },
 )
@@ -416,8 +452,11 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     summary="Download the sanitized model (.keras)",
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"application/octet-stream": {}}},
-        304: {"description": "If-None-Match matched the ETag."},
+        200: {
+            "content": {"application/octet-stream": {}},
+            "headers": {"ETag": _ETAG, "Content-Disposition": _DISPOSITION},
+        },
+        304: {"description": "If-None-Match matched the ETag.", "headers": {"ETag": _ETAG}},
     }
     | error_responses(401, 404, 409, 410),
 )
