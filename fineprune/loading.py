@@ -96,6 +96,8 @@ def _one_line(exc: BaseException) -> str:
     """First line of an exception message, cut short: Keras likes to dump whole configs."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
+    if text.endswith(":") and len(lines) > 1:  # "...Example error message for object X:"
+        text = f"{text} {lines[1]}"
     if len(text) > _MAX_MESSAGE:
         text = text[: _MAX_MESSAGE - 3] + "..."
     return text

@@ -146,7 +146,15 @@ def publish_success(
             return None
         if records.cancel_requested(job_id):
             return _cancel_locked(records, store, record, "cancelled at the end")
-        stored = {name: store.put_file(job_id, name, out_dir / name) for name in OUTPUT_NAMES}
+        stored = {}
+        try:
+            for name in OUTPUT_NAMES:
+                stored[name] = store.put_file(job_id, name, out_dir / name)
+        except OSError:
+            # All results or none: a model without its report is never left behind.
+            for name in stored:
+                store.delete(job_id, name)
+            raise
 
         def succeed(r: JobRecord) -> bool:
             for name, artifact in stored.items():

@@ -94,6 +94,10 @@ class ArtifactStore(ABC):
         """Remove every artifact of the job; a no-op when there are none."""
 
     @abstractmethod
+    def delete(self, job_id: str, name: str) -> None:
+        """Remove one artifact; a no-op when it is absent."""
+
+    @abstractmethod
     def check_writable(self) -> None:
         """Raise OSError when a write would fail (readiness probe)."""
 
@@ -214,6 +218,9 @@ class LocalArtifactStore(ArtifactStore):
 
     def size(self, job_id: str, name: str) -> int:
         return self._path(job_id, name).stat().st_size
+
+    def delete(self, job_id: str, name: str) -> None:
+        self._path(job_id, name).unlink(missing_ok=True)
 
     def delete_job(self, job_id: str) -> None:
         check_key(job_id, "x")

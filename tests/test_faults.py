@@ -451,3 +451,42 @@ def test_expired_jobs_lose_their_files_and_answer_410(stack: Stack) -> None:
             elif ages[job_id] < RETENTION_S - 10:  # clearly not expired yet: untouched
                 assert body["artifacts_deleted"] is False, body
                 assert (stack.jobs_dir / job_id).exists()
+
+
+def test_results_are_published_all_or_none(tmp_path: Path) -> None:
+    """A store that fails on the second result leaves neither it nor the first behind."""
+    from jobs import lifecycle
+    from jobs.records import FileRecordStore, JobRecord, new_job_id, now
+    from jobs.storage import LocalArtifactStore, StorageError
+    from schemas.jobs import JobState, JobSummary
+    from schemas.options import SanitizeOptions
+
+    class FailsOnReport(LocalArtifactStore):
+        def put_file(self, job_id: str, name: str, path: Path):
+            if name == "report.json":
+                raise StorageError(name, OSError(28, "No space left on device"))
+            return super().put_file(job_id, name, path)
+
+    records, store = FileRecordStore(tmp_path / "state"), FailsOnReport(tmp_path / "jobs")
+    job_id = new_job_id()
+    records.insert(
+        JobRecord(
+            id=job_id,
+            owner="open",
+            created_at=now(),
+            updated_at=now(),
+            options=SanitizeOptions(),
+            queue="fineprune",
+            payload_hash="x",
+        )
+    )
+    records.update(job_id, lambda r: r.transition(JobState.running) or True)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in lifecycle.OUTPUT_NAMES:
+        (out / name).write_bytes(b"result")
+    summary = JobSummary.model_construct()
+    with pytest.raises(StorageError, match="No space left"):
+        lifecycle.publish_success(records, store, job_id, out, summary, {})
+    assert not store.exists(job_id, "sanitized.keras")
+    assert records.get(job_id).state == JobState.running

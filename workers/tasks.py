@@ -27,7 +27,7 @@ from jobs.callbacks import SIGNATURE_HEADER, CallbackRefused, check_url_target, 
 from jobs.queue import CALLBACK_TASK, PURGE_TASK, SANITIZE_TASK
 from jobs.records import FileRecordStore, JobRecord, now, summary_from_report, to_resource
 from jobs.retention import purge_expired
-from jobs.storage import LocalArtifactStore
+from jobs.storage import LocalArtifactStore, StorageError
 from workers import isolation
 from workers.app import app, settings
 
@@ -125,6 +125,9 @@ def _run(record: JobRecord) -> JobRecord | None:
     except FinePruneError as exc:
         log.info("job %s failed: %s: %s", job_id, exc.kind, exc.message)
         return lifecycle.fail(records, job_id, exc.kind, exc.message)
+    except StorageError as exc:
+        log.warning("job %s could not store its results: %s", job_id, exc)
+        return lifecycle.fail(records, job_id, "storage", str(exc))
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job_id)
         return lifecycle.fail(records, job_id, "internal", isolation.one_line(exc))
