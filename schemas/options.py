@@ -15,7 +15,7 @@ SHARPNESS_DEFENSES = ("fine-pruning-sam", "ft-sam")
 class SanitizeOptions(BaseModel):
     """How to sanitize one model. Defaults are the product's recommended settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     defense: Defense = Field(
         "fine-pruning",
@@ -92,7 +92,9 @@ class SanitizeOptions(BaseModel):
         description="Radius rho of adaptive sharpness-aware minimization, relative to each "
         "weight's size; used by the ft-sam and fine-pruning-sam defenses.",
     )
-    seed: int = Field(0, ge=0, description="Seed for the data split, shuffling and augmentation.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed for the data split, shuffling and augmentation."
+    )
 
     @model_validator(mode="after")
     def _defense_needs(self) -> SanitizeOptions:

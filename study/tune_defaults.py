@@ -52,6 +52,15 @@ SCHEDULES_FROZEN_BN = {
 for schedule in SCHEDULES.values():
     schedule.setdefault("freeze_batchnorm", False)
 SCHEDULES.update(SCHEDULES_FROZEN_BN)
+SCHEDULES["default"] = {}  # whatever SanitizeOptions defaults to now
+# Issue 6: defenses beyond fine-pruning, on the default schedule (cosine, BN frozen).
+SCHEDULES_BEYOND = {
+    "ft-sam": dict(defense="ft-sam"),
+    "ft-sam-r05": dict(defense="ft-sam", sharpness_radius=0.5),
+    "fine-pruning-sam": dict(defense="fine-pruning-sam"),
+    "fine-tuning": dict(defense="fine-tuning"),
+}
+SCHEDULES.update(SCHEDULES_BEYOND)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
@@ -131,9 +140,10 @@ def main() -> None:
     parser.add_argument("--schedules", default=",".join(SCHEDULES))
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--victims-only", action="store_true", help="Only train the victims.")
+    parser.add_argument("--results", help="JSON lines file name under docs/experiments/")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"defaults-{args.phase}.jsonl"
+    out = RESULTS / (args.results or f"defaults-{args.phase}.jsonl")
     done = set()
     if out.exists():
         for line in out.read_text().splitlines():
@@ -142,7 +152,6 @@ def main() -> None:
     seed = 0 if args.phase == "tune" else 1
     explicit = args.schedules != ",".join(SCHEDULES)
     schedules = args.schedules.split(",") if args.phase == "tune" or explicit else ["default"]
-    SCHEDULES["default"] = {}  # whatever SanitizeOptions defaults to now
     for arch in args.archs.split(","):
         for trigger in TRIGGERS:
             if args.victims_only:

@@ -244,3 +244,11 @@ def test_plain_defenses_do_not_use_sharpness():
     assert SanitizeOptions(defense="fine-pruning").sharpness == 0.0
     with pytest.raises(ValueError, match="prune_fraction"):
         SanitizeOptions(defense="ft-sam", prune_fraction=0.3)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"seed": 2**32}, {"rescale": float("inf")}, {"learning_rate": float("nan")}]
+)
+def test_options_refuse_what_the_engine_cannot_use(bad: dict):
+    with pytest.raises(ValueError):
+        SanitizeOptions(**bad)
