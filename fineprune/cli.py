@@ -135,6 +135,12 @@ def sanitize(
     sharpness_radius: Annotated[float, typer.Option(help=_help("sharpness_radius"))] = _default(
         "sharpness_radius"
     ),
+    shift_strength: Annotated[float, typer.Option(help=_help("shift_strength"))] = _default(
+        "shift_strength"
+    ),
+    distillation: Annotated[float, typer.Option(help=_help("distillation"))] = _default(
+        "distillation"
+    ),
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
@@ -161,6 +167,8 @@ def sanitize(
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,
+            shift_strength=shift_strength,
+            distillation=distillation,
             seed=seed,
         )
     except ValidationError as exc:

@@ -9,6 +9,9 @@ takes its gradient there (adaptive SAM, as FT-SAM uses it: Zhu et al., ICCV 2023
 sits in a sharp minimum that plain fine-tuning on a little clean data does not leave; the
 perturbation pushes the weights that carry it, and only those that matter for clean data
 are pulled back.
+
+With a feature-shift strength, the classifier head is re-initialized and kept turned away from
+the original one while everything trains (FST; `fineprune.feature_shift`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ import tensorflow as tf
 
 from fineprune.data import LabelledData
 from fineprune.evaluation import OutputKind, predict, rate
+from fineprune.feature_shift import (
+    FeatureShift,
+    Teacher,
+    alignment,
+    classifier_head,
+    reinitialize,
+)
 from fineprune.sweep import predicted_classes
 
 ZeroMask = tuple[str, int, np.ndarray]  # layer name, weight index, True where the weight is 0
@@ -40,6 +50,14 @@ class FineTuneSettings:
     freeze_batchnorm: bool
     seed: int
     sharpness_radius: float = 0.0  # 0: plain fine-tuning; >0: adaptive SAM with this rho
+    feature_shift: float = 0.0  # 0: keep the classifier; >0: FST with this penalty strength
+    distillation: float = 0.0  # FST only: weight of the delivered model's teaching
+
+    @property
+    def method(self) -> str:
+        if self.feature_shift:
+            return "feature-shift"
+        return "sharpness-aware" if self.sharpness_radius else "plain"
 
 
 @dataclass
@@ -47,6 +65,8 @@ class FineTuneResult:
     model: keras.Model
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
+    method: str = "plain"
+    reinitialized_layer: str | None = None
 
 
 class _KeepZeroed(keras.callbacks.Callback):
@@ -175,6 +195,7 @@ def fine_tune(
     trigger: LabelledData | None = None,
     on_epoch: EpochCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    teacher: keras.Model | None = None,
 ) -> FineTuneResult:
     """Train `model` in place for up to `settings.epochs`; return it with the best weights."""
     classes = int(model.outputs[0].shape[-1])
@@ -183,9 +204,19 @@ def fine_tune(
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
-    trainer = (
-        SharpnessAware(model, settings.sharpness_radius) if settings.sharpness_radius else model
-    )
+    if settings.feature_shift and settings.sharpness_radius:
+        raise ValueError("feature-shift and sharpness-aware tuning are separate methods")
+    head, original_head = None, None
+    trainer: keras.Model = model
+    if settings.feature_shift:
+        head = classifier_head(model)
+        original_head = reinitialize(head, settings.seed)
+        teach = None
+        if settings.distillation and teacher is not None:
+            teach = Teacher(teacher, settings.distillation, from_logits=kind == "logits")
+        trainer = FeatureShift(model, head, original_head, settings.feature_shift, teach)
+    elif settings.sharpness_radius:
+        trainer = SharpnessAware(model, settings.sharpness_radius)
     trainer.compile(
         optimizer=_optimizer(settings, settings.epochs * -(-len(train) // settings.batch_size)),
         loss=loss,
@@ -194,12 +225,18 @@ def fine_tune(
     image_like = train.x.ndim == 4 and train.x.shape[-1] in (1, 3)
     dataset = _dataset(train, settings, image_like)
     callbacks = [_KeepZeroed(model, zero_masks)] if zero_masks else []
+    for callback in callbacks:
+        callback.on_train_batch_end(0)  # a re-initialized head must not revive pruned inputs
 
     # The pruned model itself (epoch 0) is never kept: pruning alone leaves the backdoor in
     # the surviving channels, and only training on clean data removes it.
     best_weights: list[np.ndarray] | None = None
     best = (-1.0, -np.inf)
-    result = FineTuneResult(model=model)
+    result = FineTuneResult(
+        model=model,
+        method=settings.method,
+        reinitialized_layer=None if head is None else str(head.name),
+    )
     since_best = 0
     for epoch in range(1, settings.epochs + 1):
         if should_stop is not None and should_stop():
@@ -215,6 +252,8 @@ def fine_tune(
         }
         if trigger is not None:
             record["attack_success_rate"] = rate(model, trigger)
+        if head is not None and original_head is not None:
+            record["head_alignment"] = alignment(head, original_head)
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)

@@ -29,11 +29,12 @@ from fineprune.data import (
 )
 from fineprune.errors import CancelledError, InvalidModelError
 from fineprune.evaluation import output_kind, predict, rate
+from fineprune.feature_shift import classifier_head
 from fineprune.finetune import FineTuneSettings, fine_tune
 from fineprune.graph import ModelGraph, inline_nested_models
 from fineprune.loading import load_untrusted_model, save_model, sha256_file
 from fineprune.rendering import write_report_files
-from fineprune.surgery import CutResult, cut
+from fineprune.surgery import CutResult, copy_model, cut
 from fineprune.sweep import ChannelSweeper, masked_predict
 from schemas.options import SanitizeOptions
 from schemas.report import (
@@ -107,13 +108,18 @@ def sanitize(
         model, info = load_untrusted_model(inputs.model_path)
         signature = _signature(model)
         original_parameters = count_parameters(model)
-        if options.prunes:
+        if options.prunes or options.feature_shift:
             model, inlined = inline_nested_models(model)
             if inlined:
                 warnings.append(
                     f"nested model(s) {', '.join(inlined)} were inlined so that their layers "
-                    "can be pruned; the sanitized model is one flat model"
+                    "can be pruned or re-initialized; the sanitized model is one flat model"
                 )
+        teacher = None
+        if options.feature_shift and options.fine_tunes:
+            classifier_head(model)  # fail now, not after profiling, if there is no Dense head
+            if options.distills:
+                teacher = copy_model(model)  # the delivered model, before anything trains
         splits = _load_splits(inputs, signature, options, warnings)
 
     with run.stage("profile") as report_progress:
@@ -163,6 +169,8 @@ def sanitize(
                 freeze_batchnorm=options.freeze_batchnorm,
                 seed=options.seed,
                 sharpness_radius=options.sharpness,
+                feature_shift=options.feature_shift,
+                distillation=options.distillation,
             )
             tuning = fine_tune(
                 pruned_model,
@@ -174,6 +182,7 @@ def sanitize(
                 trigger=splits.trigger,
                 on_epoch=lambda record: report_progress(record["epoch"] / options.epochs),
                 should_stop=run.should_cancel,
+                teacher=teacher,
             )
             if run.should_cancel():
                 raise CancelledError("cancelled during fine-tuning")
@@ -376,6 +385,8 @@ def _tuning_report(tuning) -> FineTuneReport | None:
     if tuning is None:
         return None
     return FineTuneReport(
+        method=tuning.method,
+        reinitialized_layer=tuning.reinitialized_layer,
         epochs_run=len(tuning.history),
         best_epoch=tuning.best_epoch,
         history=[EpochRecord(**r) for r in tuning.history],

@@ -459,7 +459,8 @@ def _subline(report: SanitizeReport) -> str:
     if report.fine_tuning is not None:
         ft = report.fine_tuning
         best = f"best epoch {ft.best_epoch}" if ft.best_epoch > 0 else "no epoch improved"
-        bits.append(f"{ft.epochs_run} fine-tuning epochs, {best}")
+        method = "" if ft.method == "plain" else f" ({_e(ft.method)})"
+        bits.append(f"{ft.epochs_run} fine-tuning epochs{method}, {best}")
     return " · ".join(bits)
 
 
@@ -592,9 +593,12 @@ def _history_section(report: SanitizeReport) -> str:
     if ft is None:
         return "<p>No fine-tuning was run.</p>"
     has_asr = any(e.attack_success_rate is not None for e in ft.history)
+    has_alignment = any(e.head_alignment is not None for e in ft.history)
     headers = ["epoch", "loss", "accuracy", "val loss", "val accuracy"]
     if has_asr:
         headers.append("attack success")
+    if has_alignment:
+        headers.append("head alignment")
     rows: list[list[str]] = []
     classes: list[str] = []
     for e in sorted(ft.history, key=lambda r: r.epoch):
@@ -607,6 +611,8 @@ def _history_section(report: SanitizeReport) -> str:
         ]
         if has_asr:
             row.append(_fmt_pct(e.attack_success_rate))
+        if has_alignment:
+            row.append("" if e.head_alignment is None else f"{e.head_alignment:+.2f}")
         rows.append(row)
         classes.append("hl" if e.epoch == ft.best_epoch else "")
     kept = (
@@ -618,6 +624,21 @@ def _history_section(report: SanitizeReport) -> str:
         f"<p>{ft.epochs_run} epochs run; {kept}, selected on the "
         f"<b>{_e(ft.selected_on)}</b> split.</p>"
     )
+    if ft.method == "feature-shift":
+        intro += (
+            f"<p>Method: <b>feature-shift</b>. The classifier "
+            f"<code>{_e(ft.reinitialized_layer or '')}</code> was re-initialized and kept "
+            "turned away from the original; head alignment is the cosine similarity of its "
+            "weights with the original (1: unchanged).</p>"
+        )
+        if report.options.distills:
+            intro += (
+                "<p>The delivered model taught the new one on mixtures of clean images "
+                f"(distillation weight {report.options.distillation:g}), to keep the clean "
+                "accuracy a fresh classifier would lose.</p>"
+            )
+    elif ft.method == "sharpness-aware":
+        intro += "<p>Method: <b>sharpness-aware</b> (adaptive SAM).</p>"
     if not rows:
         return intro
     return intro + _table(headers, rows, numeric=range(1, len(headers)), row_classes=classes)

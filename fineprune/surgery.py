@@ -32,7 +32,7 @@ def cut(model: keras.Model, path: ChannelPath, pruned: np.ndarray) -> CutResult:
     """A new model equal to `model` with the `pruned` channels of the path's layer gone."""
     pruned = np.asarray(pruned, dtype=np.int64)
     if len(pruned) == 0:
-        return CutResult(_copy(model), "none", "no channel pruned", [], [])
+        return CutResult(copy_model(model), "none", "no channel pruned", [], [])
     if len(pruned) >= path.channels and path.removable:
         raise PruningError(
             f"cannot remove all {path.channels} channels of {path.layer.name!r}; keep at least one"
@@ -47,7 +47,8 @@ def cut(model: keras.Model, path: ChannelPath, pruned: np.ndarray) -> CutResult:
     return _zero(model, path, pruned)
 
 
-def _copy(model: keras.Model) -> keras.Model:
+def copy_model(model: keras.Model) -> keras.Model:
+    """An independent model with the same graph and weights: training one leaves the other."""
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return clone
@@ -84,7 +85,7 @@ def _remove(model: keras.Model, path: ChannelPath, pruned: np.ndarray) -> CutRes
 
 
 def _zero(model: keras.Model, path: ChannelPath, pruned: np.ndarray) -> CutResult:
-    clone = _copy(model)
+    clone = copy_model(model)
     zeroed: list[tuple[str, int, np.ndarray]] = []
 
     def zero(layer_name: str, index: int, mask: np.ndarray) -> None:

@@ -6,10 +6,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Defense = Literal["fine-pruning", "pruning", "fine-tuning", "fine-pruning-sam", "ft-sam"]
-PRUNING_DEFENSES = ("fine-pruning", "pruning", "fine-pruning-sam")
-TUNING_DEFENSES = ("fine-pruning", "fine-tuning", "fine-pruning-sam", "ft-sam")
+Defense = Literal[
+    "fine-pruning",
+    "pruning",
+    "fine-tuning",
+    "fine-pruning-sam",
+    "ft-sam",
+    "fine-pruning-fst",
+    "fst",
+]
+PRUNING_DEFENSES = ("fine-pruning", "pruning", "fine-pruning-sam", "fine-pruning-fst")
+TUNING_DEFENSES = (
+    "fine-pruning",
+    "fine-tuning",
+    "fine-pruning-sam",
+    "ft-sam",
+    "fine-pruning-fst",
+    "fst",
+)
 SHARPNESS_DEFENSES = ("fine-pruning-sam", "ft-sam")
+FEATURE_SHIFT_DEFENSES = ("fine-pruning-fst", "fst")
 
 
 class SanitizeOptions(BaseModel):
@@ -20,8 +36,10 @@ class SanitizeOptions(BaseModel):
     defense: Defense = Field(
         "fine-pruning",
         description="fine-pruning (prune, then fine-tune), pruning alone, fine-tuning alone, "
-        "ft-sam (fine-tuning with sharpness-aware minimization, Zhu et al. 2023), or "
-        "fine-pruning-sam (prune, then ft-sam).",
+        "ft-sam (fine-tuning with sharpness-aware minimization, Zhu et al. 2023), "
+        "fine-pruning-sam (prune, then ft-sam), fst (feature-shift tuning: re-initialize the "
+        "classifier and fine-tune it away from the original, Min et al. 2023), or "
+        "fine-pruning-fst (prune, then fst).",
     )
     layer: str | None = Field(
         None,
@@ -92,6 +110,21 @@ class SanitizeOptions(BaseModel):
         description="Radius rho of adaptive sharpness-aware minimization, relative to each "
         "weight's size; used by the ft-sam and fine-pruning-sam defenses.",
     )
+    shift_strength: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="Weight alpha of the penalty on the new classifier's inner product with "
+        "the original one; used by the fst and fine-pruning-fst defenses.",
+    )
+    distillation: float = Field(
+        1.0,
+        ge=0.0,
+        le=100.0,
+        description="fst and fine-pruning-fst only: weight of the delivered model's teaching "
+        "(its class probabilities on mixtures of two clean images, temperature 1), which keeps "
+        "the clean accuracy a re-initialized classifier would lose; 0 for FST as published.",
+    )
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="Seed for the data split, shuffling and augmentation."
     )
@@ -114,3 +147,12 @@ class SanitizeOptions(BaseModel):
     def sharpness(self) -> float:
         """The SAM radius fine-tuning uses: 0 for the plain defenses."""
         return self.sharpness_radius if self.defense in SHARPNESS_DEFENSES else 0.0
+
+    @property
+    def feature_shift(self) -> float:
+        """The FST penalty strength fine-tuning uses: 0 for the defenses that keep the head."""
+        return self.shift_strength if self.defense in FEATURE_SHIFT_DEFENSES else 0.0
+
+    @property
+    def distills(self) -> bool:
+        return self.feature_shift > 0 and self.distillation > 0

@@ -85,9 +85,18 @@ class EpochRecord(_Strict):
     val_loss: float
     val_accuracy: float
     attack_success_rate: float | None = None
+    head_alignment: float | None = Field(
+        None,
+        description="Feature-shift tuning only: cosine similarity of the classifier's kernel "
+        "with the one it replaced (1: unchanged, 0: orthogonal).",
+    )
 
 
 class FineTuneReport(_Strict):
+    method: Literal["plain", "sharpness-aware", "feature-shift"] = "plain"
+    reinitialized_layer: str | None = Field(
+        None, description="The classifier head feature-shift tuning started from scratch."
+    )
     epochs_run: int
     best_epoch: int = Field(description="The epoch kept (1-based); 0 only when none ran.")
     history: list[EpochRecord]
