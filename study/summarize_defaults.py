@@ -37,15 +37,18 @@ def per_schedule(records: list[dict]) -> str:
         groups[r["schedule"]].append(r)
     lines = [
         "| schedule | victims | worst ASR after | mean ASR after | worst accuracy change | "
-        "mean accuracy change |",
-        "|---|---:|---:|---:|---:|---:|",
+        "mean accuracy change | within 2 % at 2 pts | mean seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for schedule, group in groups.items():
         asr = [r["test_asr_after"] for r in group]
         change = [100 * (r["test_accuracy_after"] - r["test_accuracy_before"]) for r in group]
+        within = sum(a <= 0.02 and c >= -2.0 for a, c in zip(asr, change, strict=True))
+        seconds = sum(r["seconds"] for r in group) / len(group)
         lines.append(
             f"| {schedule} | {len(group)} | {max(asr):.1%} | {sum(asr) / len(asr):.1%} | "
-            f"{min(change):+.1f} pts | {sum(change) / len(change):+.1f} pts |"
+            f"{min(change):+.1f} pts | {sum(change) / len(change):+.1f} pts | "
+            f"{within}/{len(group)} | {seconds:.0f} |"
         )
     return "\n".join(lines)
 
