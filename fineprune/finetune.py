@@ -52,6 +52,7 @@ class FineTuneSettings:
     sharpness_radius: float = 0.0  # 0: plain fine-tuning; >0: adaptive SAM with this rho
     feature_shift: float = 0.0  # 0: keep the classifier; >0: FST with this penalty strength
     distillation: float = 0.0  # FST only: weight of the delivered model's teaching
+    keep_last: bool = False  # run every epoch and keep the last, instead of the validation pick
 
     @property
     def method(self) -> str:
@@ -67,6 +68,7 @@ class FineTuneResult:
     best_epoch: int = 0
     method: str = "plain"
     reinitialized_layer: str | None = None
+    selected_on: str = "validation"
 
 
 class _KeepZeroed(keras.callbacks.Callback):
@@ -236,6 +238,7 @@ def fine_tune(
         model=model,
         method=settings.method,
         reinitialized_layer=None if head is None else str(head.name),
+        selected_on="last" if settings.keep_last else "validation",
     )
     since_best = 0
     for epoch in range(1, settings.epochs + 1):
@@ -257,7 +260,7 @@ def fine_tune(
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if (val_accuracy, -val_loss) > best:
+        if settings.keep_last or (val_accuracy, -val_loss) > best:
             best = (val_accuracy, -val_loss)
             best_weights = model.get_weights()
             result.best_epoch = epoch

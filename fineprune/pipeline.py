@@ -171,6 +171,7 @@ def sanitize(
                 sharpness_radius=options.sharpness,
                 feature_shift=options.feature_shift,
                 distillation=options.distillation,
+                keep_last=options.feature_shift > 0,
             )
             tuning = fine_tune(
                 pruned_model,
@@ -387,6 +388,7 @@ def _tuning_report(tuning) -> FineTuneReport | None:
     return FineTuneReport(
         method=tuning.method,
         reinitialized_layer=tuning.reinitialized_layer,
+        selected_on=tuning.selected_on,
         epochs_run=len(tuning.history),
         best_epoch=tuning.best_epoch,
         history=[EpochRecord(**r) for r in tuning.history],

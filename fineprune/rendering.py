@@ -459,6 +459,8 @@ def _subline(report: SanitizeReport) -> str:
     if report.fine_tuning is not None:
         ft = report.fine_tuning
         best = f"best epoch {ft.best_epoch}" if ft.best_epoch > 0 else "no epoch improved"
+        if ft.selected_on == "last":
+            best = "last epoch kept"
         method = "" if ft.method == "plain" else f" ({_e(ft.method)})"
         bits.append(f"{ft.epochs_run} fine-tuning epochs{method}, {best}")
     return " · ".join(bits)
@@ -623,6 +625,8 @@ def _history_section(report: SanitizeReport) -> str:
     intro = (
         f"<p>{ft.epochs_run} epochs run; {kept}, selected on the "
         f"<b>{_e(ft.selected_on)}</b> split.</p>"
+        if ft.selected_on == "validation"
+        else f"<p>{ft.epochs_run} epochs run; the last one kept (★), as this method does.</p>"
     )
     if ft.method == "feature-shift":
         intro += (

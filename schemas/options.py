@@ -38,8 +38,9 @@ class SanitizeOptions(BaseModel):
         description="fine-pruning (prune, then fine-tune), pruning alone, fine-tuning alone, "
         "ft-sam (fine-tuning with sharpness-aware minimization, Zhu et al. 2023), "
         "fine-pruning-sam (prune, then ft-sam), fst (feature-shift tuning: re-initialize the "
-        "classifier and fine-tune it away from the original, Min et al. 2023), or "
-        "fine-pruning-fst (prune, then fst).",
+        "classifier and fine-tune it away from the original, Min et al. 2023, with the "
+        "delivered model teaching on mixed clean images; runs every epoch and keeps the "
+        "last), or fine-pruning-fst (prune, then fst).",
     )
     layer: str | None = Field(
         None,

@@ -100,7 +100,10 @@ class FineTuneReport(_Strict):
     epochs_run: int
     best_epoch: int = Field(description="The epoch kept (1-based); 0 only when none ran.")
     history: list[EpochRecord]
-    selected_on: Literal["validation"] = "validation"
+    selected_on: Literal["validation", "last"] = Field(
+        "validation",
+        description="How the kept epoch was chosen: best on the validation slice, or the last.",
+    )
 
 
 class SanitizeReport(_Strict):

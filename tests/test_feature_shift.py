@@ -160,6 +160,8 @@ def test_pruning_then_feature_shift_removes_the_backdoor_and_keeps_accuracy(file
     tuning = report.fine_tuning
     assert tuning is not None and tuning.method == "feature-shift"
     assert tuning.reinitialized_layer == "out"
+    # Every epoch runs and the last is kept: the validation slice cannot judge what it keeps.
+    assert tuning.selected_on == "last" and tuning.best_epoch == tuning.epochs_run == 10
     # The head was started afresh and pushed away: it never lines up with the original again.
     assert all(r.head_alignment is not None and r.head_alignment < 0.5 for r in tuning.history)
 
