@@ -2,22 +2,26 @@
 
 The attacker trains the study's CNN on its share of the tracks: once with BadNets poisoning
 (Stop signs with a yellow sticker relabelled "Go straight or right"), once with the
-pruning-aware attack. The defender gets 1,500 clean images from other tracks and runs the
-three defenses through `fineprune.pipeline.sanitize`, the same code the service runs. Every
-clean accuracy is measured on the official GTSRB test images; every attack success rate on
-the test set's Stop signs with the sticker.
+pruning-aware attack, once with a blended trigger (a faint pattern over the whole Stop sign).
+The defender gets 1,500 clean images from other tracks and runs every defense the product
+offers through `fineprune.pipeline.sanitize`, the same code the service runs. Every clean
+accuracy is measured on the official GTSRB test images; every attack success rate on the test
+set's Stop signs with the trigger. Victims are kept in .cache/study-victims (by attack and
+config), so a re-run defends the same models; `--retrain` trains them again.
 
-    .venv/bin/python -m study.reproduce            # about 30 min on 2 CPU cores
+    .venv/bin/python -m study.reproduce            # about an hour on 2 CPU cores
     .venv/bin/python -m study.reproduce --quick    # minutes; a smoke test, numbers meaningless
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,7 +47,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 OUT = DOCS / "study"
 LAYER = "conv2d_3"
-DEFENSES = ("pruning", "fine-tuning", "fine-pruning")
+CACHE = ROOT / ".cache" / "study-victims"
+# Every defense the product offers, in the order the study's table lists them.
+DEFENSES = (
+    "pruning",
+    "fine-tuning",
+    "fine-pruning",
+    "ft-sam",
+    "fine-pruning-sam",
+    "fst",
+    "fine-pruning-fst",
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,7 @@ class Config:
     poison_share: float = 0.5  # of the attacker's Stop signs, added again with the sticker
     defender_images: int = 1500
     seed: int = 0
-    attacks: tuple[str, ...] = ("badnets", "pruning-aware")
+    attacks: tuple[str, ...] = ("badnets", "pruning-aware", "blended")
 
 
 TRIGGERS: dict[str, Trigger] = {
@@ -64,9 +78,7 @@ TRIGGERS: dict[str, Trigger] = {
     "pruning-aware": PatchTrigger(size=4, corner=(-10, 14), color=(1.0, 1.0, 0.0)),
     "blended": BlendedTrigger(alpha=0.15),
 }
-QUICK = Config(
-    victim_epochs=1, retrain_epochs=1, defender_images=300, attacks=("badnets", "pruning-aware")
-)
+QUICK = Config(victim_epochs=1, retrain_epochs=1, defender_images=300)
 
 
 def poisoned_training_set(data: Gtsrb, trigger: Trigger, config: Config):
@@ -83,6 +95,39 @@ def poisoned_training_set(data: Gtsrb, trigger: Trigger, config: Config):
     return np.concatenate([data.attacker.x, x[chosen]]), np.concatenate(
         [data.attacker.y, y[chosen]]
     )
+
+
+def victim_key(attack: str, config: Config) -> str:
+    return hashlib.sha256(json.dumps(asdict(config) | {"attack": attack}).encode()).hexdigest()[:12]
+
+
+def cached_victim(
+    attack: str, data: Gtsrb, config: Config, log: Callable[[str], None], cache: Path | None
+) -> dict:
+    """`build_victim`, kept on disk by attack and config: a re-run defends the same models."""
+    if cache is None:
+        return build_victim(attack, data, config, log)
+    key = victim_key(attack, config)
+    folder = cache / f"{attack}-{key}"
+    if (folder / "extras.json").exists():
+        log(f"{attack}: reusing the victim in {folder}")
+        victim = json.loads((folder / "extras.json").read_text()) | {"reused": True}
+        victim["model"] = keras.models.load_model(folder / "model.keras", compile=False)
+        if (folder / "clean.keras").exists():
+            victim["clean_model"] = keras.models.load_model(folder / "clean.keras", compile=False)
+        return victim
+    victim = build_victim(attack, data, config, log)
+    partial = folder.with_name(f".{folder.name}-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    victim["model"].save(partial / "model.keras")
+    if "clean_model" in victim:
+        victim["clean_model"].save(partial / "clean.keras")
+    extras = {k: v for k, v in victim.items() if k not in ("model", "clean_model")}
+    (partial / "extras.json").write_text(json.dumps(extras))
+    if folder.exists():
+        shutil.rmtree(folder)
+    partial.replace(folder)
+    return victim
 
 
 def build_victim(attack: str, data: Gtsrb, config: Config, log: Callable[[str], None]) -> dict:
@@ -125,7 +170,14 @@ def _accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray) -> float:
     return float((model.predict(x, batch_size=256, verbose=0).argmax(-1) == y).mean())
 
 
-def run(config: Config, out: Path, log: Callable[[str], None] = print) -> dict:
+def run(
+    config: Config,
+    out: Path,
+    log: Callable[[str], None] = print,
+    cache: Path | None = None,
+    defenses: tuple[str, ...] = DEFENSES,
+) -> dict:
+    """Attack, then defend; with a cache, defenses not re-run are kept from the last run."""
     started = time.perf_counter()
     data = load(seed=config.seed)
     rng = np.random.default_rng(config.seed)
@@ -143,7 +195,13 @@ def run(config: Config, out: Path, log: Callable[[str], None] = print) -> dict:
             "test_stop_signs": int((data.test.y == STOP).sum()),
         },
         "attacks": {},
+        "seconds": 0.0,
+        "cpu_seconds": 0.0,
     }
+    previous = _previous(out, config) if cache is not None else None
+    if previous is not None:
+        results["seconds"] = previous.get("seconds", 0.0)
+        results["cpu_seconds"] = previous.get("cpu_seconds", 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         clean_path = work / "clean.npz"
@@ -158,10 +216,13 @@ def run(config: Config, out: Path, log: Callable[[str], None] = print) -> dict:
             )
             trigger_path = work / f"trigger-{attack}.npz"
             np.savez(trigger_path, x=xt, y_target=yt)
-            victim = build_victim(attack, data, config, log)
+            victim = cached_victim(attack, data, config, log, cache)
             model_path = work / f"{attack}.keras"
             victim["model"].save(model_path)
-            entry: dict = {"training_seconds": round(time.perf_counter() - attack_started, 1)}
+            entry: dict = {
+                "training_seconds": round(time.perf_counter() - attack_started, 1),
+                "victim_reused": bool(victim.get("reused")),
+            }
             if "clean_model" in victim:
                 clean_model = victim["clean_model"]
                 entry["clean_model"] = {
@@ -170,8 +231,19 @@ def run(config: Config, out: Path, log: Callable[[str], None] = print) -> dict:
                 }
                 entry["decoys"] = victim["decoys"]
                 entry["bias_shift_mean"] = victim["bias_shift_mean"]
+            entry["victim_key"] = victim_key(attack, config)
             entry["defenses"] = {}
-            for defense in DEFENSES:
+            earlier = (previous or {}).get("attacks", {}).get(attack)
+            same_victim = earlier is not None and earlier.get("victim_key") == entry["victim_key"]
+            if victim.get("reused") and same_victim:
+                # The same model was defended before: keep what this run does not redo.
+                entry["defenses"] = {
+                    d: v for d, v in earlier["defenses"].items() if d not in defenses
+                }
+            else:
+                for stale in (out / "reports").glob(f"{attack}-*.json"):
+                    stale.unlink()
+            for defense in defenses:
                 log(f"{attack}: defense {defense}")
                 options = SanitizeOptions(defense=defense, seed=config.seed)
                 if config is QUICK:
@@ -185,12 +257,14 @@ def run(config: Config, out: Path, log: Callable[[str], None] = print) -> dict:
                     report.model_dump_json(indent=1)
                 )
                 entry["defenses"][defense] = _summary(report)
+            ran = entry["defenses"]
+            entry["defenses"] = {d: ran[d] for d in DEFENSES if d in ran}
             entry["seconds"] = round(time.perf_counter() - attack_started, 1)
             results["attacks"][attack] = entry
             log(f"{attack}: done in {entry['seconds']:.0f} s")
-    results["seconds"] = round(time.perf_counter() - started, 1)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    results["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 1)
+    results["seconds"] = round(results["seconds"] + time.perf_counter() - started, 1)
+    results["cpu_seconds"] = round(results["cpu_seconds"] + usage.ru_utime + usage.ru_stime, 1)
     results["machine"] = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
@@ -198,6 +272,15 @@ def run(config: Config, out: Path, log: Callable[[str], None] = print) -> dict:
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _previous(out: Path, config: Config) -> dict | None:
+    """The last run's results in `out`, if it ran with this config."""
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    return previous if previous.get("config") == json.loads(json.dumps(asdict(config))) else None
 
 
 def _summary(report: SanitizeReport) -> dict:
@@ -232,6 +315,16 @@ def main() -> None:
     parser.add_argument(
         "--write-only", action="store_true", help="redraw figures and study.md from results.json"
     )
+    parser.add_argument(
+        "--defenses",
+        default=",".join(DEFENSES),
+        help="comma-separated defenses to (re-)run; with cached victims the others are kept",
+    )
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help=f"train the victims again instead of reusing those in {CACHE.relative_to(ROOT)}",
+    )
     args = parser.parse_args()
     config = QUICK if args.quick else Config()
 
@@ -239,7 +332,12 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     if not args.write_only:
-        run(config, args.out, log)
+        chosen = tuple(d for d in args.defenses.split(",") if d)
+        unknown = set(chosen) - set(DEFENSES)
+        if unknown:
+            parser.error(f"unknown defenses: {', '.join(sorted(unknown))}")
+        cache = None if args.retrain or args.quick else CACHE
+        run(config, args.out, log, cache=cache, defenses=chosen)
     results = json.loads((args.out / "results.json").read_text())
     reports = {
         p.stem: SanitizeReport.model_validate_json(p.read_text())

@@ -18,9 +18,21 @@ DEFENSE_NAMES = {
     "pruning": "pruning alone",
     "fine-tuning": "fine-tuning alone",
     "fine-pruning": "fine-pruning",
+    "ft-sam": "FT-SAM",
+    "fine-pruning-sam": "pruning, then FT-SAM",
+    "fst": "FST",
+    "fine-pruning-fst": "pruning, then FST",
 }
+PAPER_DEFENSES = ("pruning", "fine-tuning", "fine-pruning")
 SUCCESS_BAR = 0.05  # attack success we call "removed"
 COST_BAR = 4.0  # points of clean accuracy the paper's rule allows
+PRODUCT_SUCCESS_BAR = 0.02  # the product's target: at most 2 % attack success...
+PRODUCT_COST_BAR = 2.0  # ...for at most 2 points of clean accuracy
+TRIGGERED = {
+    "badnets": "stickered Stop signs",
+    "pruning-aware": "stickered Stop signs",
+    "blended": "Stop signs under the blended pattern",
+}
 
 
 SHORT = {"badnets": "BadNets", "pruning-aware": "pruning-aware", "blended": "blended"}
@@ -48,25 +60,46 @@ def outcome(results: dict, attack: str, defense: str) -> dict:
     return run["after"] | {"channels_pruned": run["channels_pruned"]}
 
 
+def defenses(results: dict, attack: str) -> list[str]:
+    """The defenses this run measured against `attack`, in the table's order."""
+    ran = results["attacks"][attack]["defenses"]
+    return [d for d in DEFENSE_NAMES if d in ran]
+
+
+def meets_product_bar(results: dict, attack: str, defense: str) -> bool:
+    base = outcome(results, attack, "none")
+    row = outcome(results, attack, defense)
+    cost = 100 * (base["clean_accuracy"] - row["clean_accuracy"])
+    return (row["attack_success_rate"] or 0.0) <= PRODUCT_SUCCESS_BAR and cost <= PRODUCT_COST_BAR
+
+
 def table(results: dict) -> str:
     lines = [
-        "| attack | defense | channels pruned | clean accuracy | change | attack success |",
-        "|---|---|---:|---:|---:|---:|",
+        "| attack | defense | channels pruned | clean accuracy | change | attack success "
+        f"| within {100 * PRODUCT_SUCCESS_BAR:g} % at {PRODUCT_COST_BAR:g} pts |",
+        "|---|---|---:|---:|---:|---:|:---:|",
     ]
     for attack, entry in results["attacks"].items():
         channels = entry["defenses"]["fine-pruning"]["channels"]
         base = outcome(results, attack, "none")
-        for defense in DEFENSE_NAMES:
+        for defense in ["none", *defenses(results, attack)]:
             row = outcome(results, attack, defense)
-            pruned = f"{row['channels_pruned']} / {channels}" if defense != "fine-tuning" else "0"
+            prunes = entry["defenses"].get(defense, {}).get("channels") is not None
+            pruned = f"{row['channels_pruned']} / {channels}" if prunes else "0"
             change = (
                 "" if defense == "none" else _points(row["clean_accuracy"], base["clean_accuracy"])
             )
+            bar = "" if defense == "none" else _tick(meets_product_bar(results, attack, defense))
             lines.append(
                 f"| {TITLES.get(attack, attack)} | {DEFENSE_NAMES[defense]} | {pruned} | "
-                f"{_pct(row['clean_accuracy'])} | {change} | {_pct(row['attack_success_rate'])} |"
+                f"{_pct(row['clean_accuracy'])} | {change} | {_pct(row['attack_success_rate'])} "
+                f"| {bar} |"
             )
     return "\n".join(lines)
+
+
+def _tick(ok: bool) -> str:
+    return "yes" if ok else "no"
 
 
 def _verdict(results: dict) -> tuple[bool, list[str]]:
@@ -96,13 +129,24 @@ def _attack_paragraph(results: dict, attack: str) -> str:
     text = (
         f"**{TITLES.get(attack, attack)}.** As delivered the model classifies "
         f"{_pct(base['clean_accuracy'])} of the clean test images correctly and sends "
-        f"{_pct(base['attack_success_rate'])} of the stickered Stop signs to the target. "
+        f"{_pct(base['attack_success_rate'])} of the {TRIGGERED.get(attack, 'triggered inputs')} "
+        "to the target. "
         f"Pruning alone stopped at {pruned['channels_pruned']} of {channels} channels and left "
         f"{_pct(pruned['attack_success_rate'])} attack success; fine-tuning alone left "
         f"{_pct(tuned['attack_success_rate'])}; fine-pruning left "
         f"{_pct(fp['attack_success_rate'])} at {_pct(fp['clean_accuracy'])} clean accuracy "
         f"({_points(fp['clean_accuracy'], base['clean_accuracy'])} points)."
     )
+    beyond = [d for d in defenses(results, attack) if d not in PAPER_DEFENSES]
+    if beyond:
+        parts = []
+        for d in beyond:
+            row = outcome(results, attack, d)
+            parts.append(
+                f"{DEFENSE_NAMES[d]} left {_pct(row['attack_success_rate'])} "
+                f"({_points(row['clean_accuracy'], base['clean_accuracy'])} points)"
+            )
+        text += " Beyond the paper: " + "; ".join(parts) + "."
     if "decoys" in entry:
         clean = entry["clean_model"]
         text += (
@@ -190,6 +234,9 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
         "right, like the seed study's poisoned folder). Attack success = the share of the "
         f"{data['test_stop_signs']} test Stop signs, stickered, that the model calls "
         '"Go straight or right".',
+        "- **Blended attack** (Chen et al. 2017), harder for fine-pruning in the literature: "
+        "instead of a sticker, a fixed random pattern mixed into the whole image at 15 %, on "
+        "the same share of Stop signs, with the same target.",
         "- **Pruning-aware attack** (the paper's four steps, `fineprune/pruning_aware.py`): "
         "train on clean data; prune the least active channels of the last convolution "
         + (
@@ -211,6 +258,13 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
         f"{options.learning_rate:g} ({options.lr_schedule} decay, BatchNorm frozen) on the "
         f"defender's images, the epoch picked on a {options.validation_fraction:.0%} "
         "validation slice of them. *Fine-pruning*: the first, then the second.",
+        "- **Defenses beyond the paper** (issue 6), same data and schedule. *FT-SAM* (Zhu et "
+        "al., ICCV 2023): fine-tuning with adaptive sharpness-aware minimization, radius "
+        f"{options.sharpness_radius:g}. *FST* (feature-shift tuning, Min et al., NeurIPS 2023): "
+        "the classifier head is re-initialized and fine-tuned together with the rest, with a "
+        f"penalty of {options.shift_strength:g} times its inner product with the original head "
+        "and its norm held at the original's. Each also runs after pruning. None of them sees "
+        "a trigger.",
         "",
         "## Results",
         "",
@@ -254,6 +308,8 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
         "",
         _best_defenses(results),
         "",
+        _product_bar(results),
+        "",
         _kept_after_pruning(results, reports),
         "",
         _seed_study_note(results, pa),
@@ -268,8 +324,9 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
         f"{data['test_stop_signs']} Stop signs give an attack success near 5 % (or 50 %) one "
         f"of {_standard_error(0.05, data['test_stop_signs']):.1f} "
         f"({_standard_error(0.5, data['test_stop_signs']):.1f}) points.",
-        "- Attacks and defenses are the paper's; later attacks (blended triggers, "
-        'low poisoning rates) are harder for fine-pruning, see README "How strong".',
+        "- Every attack here poisons one source class (Stop) with a generous share of it; "
+        "all-to-one poisoning and other architectures are measured in README "
+        '"How strong the defaults are".',
         f"- Epochs are chosen so the whole run fits 45 minutes on 2 CPU cores "
         f"({config['victim_epochs']} attacker epochs on ~{data['attacker_images']} images); "
         "the seed study trained 100.",
@@ -303,7 +360,7 @@ def _best_defenses(results: dict) -> str:
         base = outcome(results, attack, "none")["clean_accuracy"]
         affordable = [
             (outcome(results, attack, d)["attack_success_rate"] or 0.0, d)
-            for d in ("pruning", "fine-tuning", "fine-pruning")
+            for d in defenses(results, attack)
             if 100 * (base - outcome(results, attack, d)["clean_accuracy"]) <= COST_BAR
         ]
         if affordable:
@@ -315,6 +372,50 @@ def _best_defenses(results: dict) -> str:
         f"The lowest attack success within {COST_BAR:g} points of clean accuracy on the test set, "
         "per attack: " + "; ".join(parts) + "."
     )
+
+
+def _product_bar(results: dict) -> str:
+    """Which defenses reach the product's target against every attack of this run."""
+    attacks = list(results["attacks"])
+    every = [
+        d
+        for d in DEFENSE_NAMES
+        if d != "none"
+        and all(d in results["attacks"][a]["defenses"] for a in attacks)
+        and all(meets_product_bar(results, a, d) for a in attacks)
+    ]
+    worst = []
+    for d in DEFENSE_NAMES:
+        if d == "none" or not all(d in results["attacks"][a]["defenses"] for a in attacks):
+            continue
+        asr = max(outcome(results, a, d)["attack_success_rate"] or 0.0 for a in attacks)
+        cost = max(
+            100
+            * (
+                outcome(results, a, "none")["clean_accuracy"]
+                - outcome(results, a, d)["clean_accuracy"]
+            )
+            for a in attacks
+        )
+        worst.append((asr, cost, d))
+    lines = [
+        f"The product's target is at most {100 * PRODUCT_SUCCESS_BAR:g} % attack success for at "
+        "most "
+        f"{PRODUCT_COST_BAR:g} points of clean accuracy on the test set. "
+        + (
+            "Against every attack here it was reached by: "
+            + ", ".join(DEFENSE_NAMES[d] for d in every)
+            + "."
+            if every
+            else "No defense reached it against every attack here."
+        ),
+        "",
+        "| defense | worst attack success | worst accuracy cost |",
+        "|---|---:|---:|",
+    ]
+    for asr, cost, d in sorted(worst):
+        lines.append(f"| {DEFENSE_NAMES[d]} | {_pct(asr)} | {cost:.1f} pts |")
+    return "\n".join(lines)
 
 
 def _rule_gap(results: dict) -> str:
