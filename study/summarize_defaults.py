@@ -53,9 +53,34 @@ def per_schedule(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ARCH_NAMES = {"seed_cnn": "seed CNN", "small_resnet": "small ResNet"}
+
+
+def compare(records: list[dict], schedules: list[str]) -> str:
+    """One row per victim and defense, in the README's words."""
+    lines = [
+        "| victim | trigger | defense | clean accuracy (GTSRB test) | attack success | seconds |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in records:
+        if r["schedule"] not in schedules:
+            continue
+        name = "fine-pruning (default)" if r["schedule"] == "default" else r["schedule"]
+        lines.append(
+            f"| {ARCH_NAMES.get(r['arch'], r['arch'])} | {r['trigger']} | {name} | "
+            f"{100 * r['test_accuracy_before']:.1f} -> {100 * r['test_accuracy_after']:.1f} % | "
+            f"{100 * r['test_asr_before']:.1f} -> {100 * r['test_asr_after']:.1f} % | "
+            f"{r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     name = sys.argv[1] if len(sys.argv) > 1 else "defaults-tune.jsonl"
     records = rows(name)
+    if len(sys.argv) > 2:  # a comma-separated list of schedules: the README's comparison
+        print(compare(records, sys.argv[2].split(",")))
+        sys.exit()
     print(per_schedule(records))
     print()
     print(per_run(records))
