@@ -34,6 +34,29 @@ OTHER_KEY = "test-key-b"
 CALLBACK_SECRET = "test-callback-secret"
 
 
+@contextlib.contextmanager
+def owned_redis_db(url: str) -> Iterator[None]:
+    """A Redis database that belongs to one test module: emptied before and after.
+
+    Each module that starts services uses its own database number, so two modules never take
+    each other's messages. Skips when no Redis answers.
+    """
+    import pytest
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip(f"no Redis at {url}")
+    client.flushdb()
+    try:
+        yield
+    finally:
+        client.flushdb()
+        client.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

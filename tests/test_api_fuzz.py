@@ -54,6 +54,7 @@ from service_helpers import (  # noqa: E402
     CALLBACK_SECRET,
     final,
     free_port,
+    owned_redis_db,
     poll_job,
     service_env,
     start_api,
@@ -109,16 +110,8 @@ def _real_inputs(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def fuzz_redis() -> Iterator[None]:
     """Redis DB 11 belongs to this module while it runs: emptied before and after."""
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    client.flushdb()
-    yield
-    client.flushdb()
-    client.close()
+    with owned_redis_db(REDIS_URL):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ can reveal (NaN, labels out of range, ...) must become a `failed` job with a rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -57,6 +58,7 @@ from service_helpers import (
     Proc,
     final,
     free_port,
+    owned_redis_db,
     poll_job,
     raw_request,
     service_env,
@@ -338,13 +340,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    redis = pytest.importorskip("redis")
-    db = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        db.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    db.flushdb()  # DB 12 belongs to this module
+    stack_context = contextlib.ExitStack()
+    stack_context.enter_context(owned_redis_db(REDIS_URL))  # DB 12
     root = tmp_path_factory.mktemp("hostile-service")
     artifacts = root / "artifacts"
     env = service_env(artifacts, REDIS_URL, api_keys=API_KEY, **LIMITS)
@@ -363,8 +360,7 @@ def stack(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     finally:
         worker.stop()
         api.stop()
-        db.flushdb()
-        db.close()
+        stack_context.close()
 
 
 def test_the_payloads_would_be_found_by_the_services(corpus: Corpus, stack: Stack) -> None:

@@ -31,6 +31,7 @@ from service_helpers import (
     free_port,
     loaded_libraries,
     multipart_files,
+    owned_redis_db,
     poll_job,
     read_record,
     service_env,
@@ -371,16 +372,8 @@ REDIS_URL = "redis://127.0.0.1:6379/10"
 
 @pytest.fixture
 def redis_db10() -> Iterator[None]:
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    client.flushdb()  # DB 10 belongs to these tests
-    yield
-    client.flushdb()
-    client.close()
+    with owned_redis_db(REDIS_URL):
+        yield
 
 
 def pool_children(pid: int) -> list[int]:

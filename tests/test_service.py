@@ -36,6 +36,7 @@ from service_helpers import (
     free_port,
     loaded_libraries,
     multipart_files,
+    owned_redis_db,
     poll_job,
     raw_request,
     read_record,
@@ -137,16 +138,8 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def redis_db() -> Iterator[None]:
-    redis = pytest.importorskip("redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis at 127.0.0.1:6379")
-    client.flushdb()  # DB 9 belongs to these tests
-    yield
-    client.flushdb()
-    client.close()
+    with owned_redis_db(REDIS_URL):  # DB 9
+        yield
 
 
 @pytest.fixture(scope="module")
