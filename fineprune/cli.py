@@ -141,6 +141,9 @@ def sanitize(
     distillation: Annotated[float, typer.Option(help=_help("distillation"))] = _default(
         "distillation"
     ),
+    fst_fallback: Annotated[bool, typer.Option(help=_help("fst_fallback"))] = _default(
+        "fst_fallback"
+    ),
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
@@ -169,6 +172,7 @@ def sanitize(
             sharpness_radius=sharpness_radius,
             shift_strength=shift_strength,
             distillation=distillation,
+            fst_fallback=fst_fallback,
             seed=seed,
         )
     except ValidationError as exc:

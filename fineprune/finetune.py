@@ -69,6 +69,7 @@ class FineTuneResult:
     method: str = "plain"
     reinitialized_layer: str | None = None
     selected_on: str = "validation"
+    fallback_reason: str | None = None  # set when this replaced a failed feature-shift run
 
 
 class _KeepZeroed(keras.callbacks.Callback):

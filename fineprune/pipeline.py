@@ -10,7 +10,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -30,12 +30,12 @@ from fineprune.data import (
 from fineprune.errors import CancelledError, InvalidModelError
 from fineprune.evaluation import output_kind, predict, rate
 from fineprune.feature_shift import classifier_head
-from fineprune.finetune import FineTuneSettings, fine_tune
+from fineprune.finetune import FineTuneResult, FineTuneSettings, fine_tune
 from fineprune.graph import ModelGraph, inline_nested_models
 from fineprune.loading import load_untrusted_model, save_model, sha256_file
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, copy_model, cut
-from fineprune.sweep import ChannelSweeper, masked_predict
+from fineprune.sweep import ChannelSweeper, masked_predict, predicted_classes
 from schemas.options import SanitizeOptions
 from schemas.report import (
     CurvePoint,
@@ -173,20 +173,40 @@ def sanitize(
                 distillation=options.distillation,
                 keep_last=options.feature_shift > 0,
             )
-            tuning = fine_tune(
-                pruned_model,
-                splits.train,
-                splits.validation,
-                settings,
-                kind,
-                zero_masks=result.zeroed_weights,
-                trigger=splits.trigger,
-                on_epoch=lambda record: report_progress(record["epoch"] / options.epochs),
-                should_stop=run.should_cancel,
-                teacher=teacher,
-            )
-            if run.should_cancel():
-                raise CancelledError("cancelled during fine-tuning")
+            untuned, delivered_accuracy = None, 0.0
+            if options.feature_shift and options.fst_fallback:
+                untuned = copy_model(pruned_model)
+                delivered_accuracy = _accuracy(model, splits.validation)
+
+            def tune(model: keras.Model, settings: FineTuneSettings) -> FineTuneResult:
+                tuned = fine_tune(
+                    model,
+                    splits.train,
+                    splits.validation,
+                    settings,
+                    kind,
+                    zero_masks=result.zeroed_weights,
+                    trigger=splits.trigger,
+                    on_epoch=lambda record: report_progress(record["epoch"] / options.epochs),
+                    should_stop=run.should_cancel,
+                    teacher=teacher,
+                )
+                if run.should_cancel():
+                    raise CancelledError("cancelled during fine-tuning")
+                return tuned
+
+            tuning = tune(pruned_model, settings)
+            reason = _feature_shift_failed(delivered_accuracy, tuning, options)
+            if untuned is not None and reason is not None:
+                # FST's failure is visible (clean accuracy), a backdoor's is not: fall back to
+                # the plain schedule from the same starting point.
+                warnings.append(f"{reason}; fine-tuned again without feature shift")
+                pruned_model = untuned
+                tuning = tune(
+                    pruned_model,
+                    replace(settings, feature_shift=0.0, distillation=0.0, keep_last=False),
+                )
+                tuning.fallback_reason = reason
         final_metrics = pruned_metrics if tuning is None else _metrics(pruned_model, splits)
 
     with run.stage("report"):
@@ -233,6 +253,26 @@ def sanitize(
     report.timings.update(run.timings)
     (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
     return report
+
+
+def _accuracy(model: keras.Model, data: LabelledData) -> float:
+    return float((predicted_classes(predict(model, data.x)) == data.y).mean())
+
+
+def _feature_shift_failed(
+    before: float, tuning: FineTuneResult, options: SanitizeOptions
+) -> str | None:
+    """Why FST's result is not acceptable, judged on the validation slice; None if it is."""
+    if not (options.feature_shift and options.fst_fallback and tuning.history):
+        return None
+    after = tuning.history[-1]["val_accuracy"]
+    if 100 * (before - after) <= options.max_accuracy_drop:
+        return None
+    return (
+        f"feature-shift tuning ended at {100 * after:.1f} % validation accuracy, "
+        f"{100 * (before - after):.1f} points below the delivered model's {100 * before:.1f} % "
+        f"(more than max_accuracy_drop, {options.max_accuracy_drop:g})"
+    )
 
 
 def _signature(model: keras.Model) -> ModelSignature:
@@ -389,6 +429,7 @@ def _tuning_report(tuning) -> FineTuneReport | None:
         method=tuning.method,
         reinitialized_layer=tuning.reinitialized_layer,
         selected_on=tuning.selected_on,
+        fallback_reason=tuning.fallback_reason,
         epochs_run=len(tuning.history),
         best_epoch=tuning.best_epoch,
         history=[EpochRecord(**r) for r in tuning.history],

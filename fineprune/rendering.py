@@ -628,6 +628,11 @@ def _history_section(report: SanitizeReport) -> str:
         if ft.selected_on == "validation"
         else f"<p>{ft.epochs_run} epochs run; the last one kept (★), as this method does.</p>"
     )
+    if ft.fallback_reason:
+        intro += (
+            f"<p><b>Fell back to plain fine-tuning:</b> {_e(ft.fallback_reason)}. The epochs "
+            "below are the plain run's.</p>"
+        )
     if ft.method == "feature-shift":
         intro += (
             f"<p>Method: <b>feature-shift</b>. The classifier "

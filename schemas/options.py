@@ -126,6 +126,12 @@ class SanitizeOptions(BaseModel):
         "(its class probabilities on mixtures of two clean images, temperature 1), which keeps "
         "the clean accuracy a re-initialized classifier would lose; 0 for FST as published.",
     )
+    fst_fallback: bool = Field(
+        True,
+        description="fst and fine-pruning-fst only: when the result's validation accuracy ends "
+        "more than max_accuracy_drop points below the delivered model's, fine-tune again from "
+        "the same starting point without feature shift (the report says so).",
+    )
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="Seed for the data split, shuffling and augmentation."
     )

@@ -97,6 +97,11 @@ class FineTuneReport(_Strict):
     reinitialized_layer: str | None = Field(
         None, description="The classifier head feature-shift tuning started from scratch."
     )
+    fallback_reason: str | None = Field(
+        None,
+        description="Set when feature-shift tuning failed the validation check and this "
+        "plain fine-tuning replaced it.",
+    )
     epochs_run: int
     best_epoch: int = Field(description="The epoch kept (1-based); 0 only when none ran.")
     history: list[EpochRecord]

@@ -78,7 +78,10 @@ SCHEDULES_BEYOND = {
     "fine-pruning-fst-a02-lr3e-4-nodistill": dict(
         defense="fine-pruning-fst", shift_strength=0.2, learning_rate=3e-4, distillation=0.0
     ),
-    # With the defaults as they are now (strength 1, distillation 1).
+    # Strength 1, distillation 1, the last epoch kept; first without, then with the fallback
+    # to plain fine-tuning when the validation accuracy drops more than 4 points.
+    "fst-nofallback": dict(defense="fst", fst_fallback=False),
+    "fine-pruning-fst-nofallback": dict(defense="fine-pruning-fst", fst_fallback=False),
     "fst": dict(defense="fst"),
     "fine-pruning-fst": dict(defense="fine-pruning-fst"),
 }

@@ -210,3 +210,27 @@ def test_only_the_feature_shift_defenses_shift():
     assert SanitizeOptions(defense="fine-pruning").feature_shift == 0.0
     assert SanitizeOptions(defense="fine-pruning-fst").prunes
     assert not SanitizeOptions(defense="fst").prunes
+
+
+def test_a_feature_shift_that_ruins_accuracy_falls_back_to_plain_fine_tuning(files, tmp_path):
+    """A far too strong shift turns the head against the original and the validation slice
+    shows it; with the fallback on, the plain schedule runs again from the pruned model."""
+    ruinous = SanitizeOptions(defense="fine-pruning-fst", shift_strength=100.0, epochs=4)
+    unguarded, _ = _sanitized(
+        files, tmp_path / "off", ruinous.model_copy(update={"fst_fallback": False})
+    )
+    assert unguarded.fine_tuning is not None and unguarded.fine_tuning.fallback_reason is None
+    before = unguarded.baseline.clean_accuracy.value
+    assert unguarded.fine_pruned.clean_accuracy.value < before - 0.04  # the failure is real
+
+    guarded, model = _sanitized(files, tmp_path / "on", ruinous)
+    tuning = guarded.fine_tuning
+    assert tuning is not None and tuning.method == "plain" and tuning.selected_on == "validation"
+    assert tuning.fallback_reason is not None and "validation accuracy" in tuning.fallback_reason
+    assert any("without feature shift" in w for w in guarded.warnings)
+    assert guarded.fine_pruned.clean_accuracy.value >= before - 0.04
+    assert guarded.surgery is not None and guarded.decision.pruned == unguarded.decision.pruned
+    assert "Fell back to plain fine-tuning" in (tmp_path / "on" / "report.html").read_text()
+    original = keras.models.load_model(files["keras"], compile=False)
+    floor = _accuracy(original, files["independent"]) - 0.04
+    assert _accuracy(model, files["independent"]) >= floor

@@ -189,6 +189,9 @@ def test_cli_help_explains_every_option():
         "--layer",
         "--epochs",
         "--learning-rate",
+        "--defense",
+        "--shift-strength",
+        "--distillation",
         "--json",
     ):
         assert option in done.stdout
