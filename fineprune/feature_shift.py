@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from fineprune.errors import PruningError
 from fineprune.graph import ModelGraph
+from fineprune.wrapped import TrainingWrapper
 
 # Layers that may sit between the classifier head and the output without parameters of their own.
 _PASS_THROUGH = (
@@ -90,7 +91,7 @@ class Teacher:
     from_logits: bool = False
 
 
-class FeatureShift(keras.Model):
+class FeatureShift(TrainingWrapper):
     """Trains `inner` (sharing its variables) with FST's loss and norm constraint.
 
     Loss: cross-entropy + strength * <kernel, original kernel> (+ the teacher's distillation
@@ -107,8 +108,7 @@ class FeatureShift(keras.Model):
         strength: float,
         teacher: Teacher | None = None,
     ) -> None:
-        super().__init__(name=f"{inner.name}_fst")
-        self.inner = inner
+        super().__init__(inner, "fst")
         self.head = head
         self.strength = strength
         self.teacher = teacher
@@ -137,9 +137,6 @@ class FeatureShift(keras.Model):
             target = tf.sigmoid(target) if self._binary else tf.nn.softmax(target)
         return self._distill(tf.stop_gradient(target), self(mixed, training=True))
 
-    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return self.inner(inputs, training=training)
-
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data
         variables = self.trainable_variables
@@ -152,14 +149,6 @@ class FeatureShift(keras.Model):
             if self.teacher is not None and self.teacher.weight:
                 total += self.teacher.weight * self._distillation(x)
         grads = tape.gradient(total, variables)
-        self.optimizer.apply(
-            [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables, strict=True)],
-            variables,
-        )
+        self.apply_gradients(grads, variables)
         kernel.assign(kernel * (self._norm / (tf.norm(kernel) + 1e-12)))
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss)
-            else:
-                metric.update_state(y, y_pred)
-        return self.get_metrics_result()
+        return self.metrics_after(loss, y, y_pred)

@@ -33,6 +33,7 @@ from fineprune.feature_shift import (
     reinitialize,
 )
 from fineprune.sweep import predicted_classes
+from fineprune.wrapped import TrainingWrapper
 
 ZeroMask = tuple[str, int, np.ndarray]  # layer name, weight index, True where the weight is 0
 EpochCallback = Callable[[dict[str, float]], None]
@@ -84,7 +85,7 @@ class _KeepZeroed(keras.callbacks.Callback):
             variable.assign(tf.where(mask, tf.zeros_like(variable), variable))
 
 
-class SharpnessAware(keras.Model):
+class SharpnessAware(TrainingWrapper):
     """Trains `inner` (sharing its variables) with adaptive sharpness-aware minimization.
 
     ASAM (Kwon et al. 2021): the ascent step is rho * T^2 g / ||T g|| with T = |w|, so the
@@ -92,12 +93,8 @@ class SharpnessAware(keras.Model):
     """
 
     def __init__(self, inner: keras.Model, radius: float) -> None:
-        super().__init__(name=f"{inner.name}_sam")
-        self.inner = inner
+        super().__init__(inner, "sam")
         self.radius = radius
-
-    def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return self.inner(inputs, training=training)
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data
@@ -119,19 +116,8 @@ class SharpnessAware(keras.Model):
         sharp_grads = tape.gradient(sharp_loss, variables)
         for variable, step in zip(variables, steps, strict=True):
             variable.assign_sub(step)
-        self.optimizer.apply(
-            [
-                tf.zeros_like(v) if g is None else g
-                for g, v in zip(sharp_grads, variables, strict=True)
-            ],
-            variables,
-        )
-        for metric in self.metrics:
-            if metric.name == "loss":
-                metric.update_state(loss)
-            else:
-                metric.update_state(y, y_pred)
-        return self.get_metrics_result()
+        self.apply_gradients(sharp_grads, variables)
+        return self.metrics_after(loss, y, y_pred)
 
 
 def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:

@@ -35,7 +35,7 @@ from fineprune.graph import ModelGraph, inline_nested_models
 from fineprune.loading import load_untrusted_model, save_model, sha256_file
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, copy_model, cut
-from fineprune.sweep import ChannelSweeper, masked_predict, predicted_classes
+from fineprune.sweep import ChannelSweeper, masked_predict
 from schemas.options import SanitizeOptions
 from schemas.report import (
     CurvePoint,
@@ -176,7 +176,7 @@ def sanitize(
             untuned, delivered_accuracy = None, 0.0
             if options.feature_shift and options.fst_fallback:
                 untuned = copy_model(pruned_model)
-                delivered_accuracy = _accuracy(model, splits.validation)
+                delivered_accuracy = rate(model, splits.validation)
 
             def tune(model: keras.Model, settings: FineTuneSettings) -> FineTuneResult:
                 tuned = fine_tune(
@@ -253,10 +253,6 @@ def sanitize(
     report.timings.update(run.timings)
     (out_dir / "report.json").write_text(report.model_dump_json(indent=2))
     return report
-
-
-def _accuracy(model: keras.Model, data: LabelledData) -> float:
-    return float((predicted_classes(predict(model, data.x)) == data.y).mean())
 
 
 def _feature_shift_failed(
