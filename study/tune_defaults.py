@@ -84,6 +84,7 @@ SCHEDULES_BEYOND = {
     "fine-pruning-fst-nofallback": dict(defense="fine-pruning-fst", fst_fallback=False),
     "fst": dict(defense="fst"),
     "fine-pruning-fst": dict(defense="fine-pruning-fst"),
+    "fine-pruning-fst-a02": dict(defense="fine-pruning-fst", shift_strength=0.2),
 }
 SCHEDULES.update(SCHEDULES_BEYOND)
 TARGET = GO_STRAIGHT_OR_RIGHT
