@@ -115,11 +115,8 @@ def sanitize(
                     f"nested model(s) {', '.join(inlined)} were inlined so that their layers "
                     "can be pruned or re-initialized; the sanitized model is one flat model"
                 )
-        teacher = None
         if options.feature_shift and options.fine_tunes:
             classifier_head(model)  # fail now, not after profiling, if there is no Dense head
-            if options.distills:
-                teacher = copy_model(model)  # the delivered model, before anything trains
         splits = _load_splits(inputs, signature, options, warnings)
 
     with run.stage("profile") as report_progress:
@@ -173,14 +170,18 @@ def sanitize(
                 distillation=options.distillation,
                 keep_last=options.feature_shift > 0,
             )
+            # The delivered model teaches; it is trained in place only when nothing was cut.
+            teacher = None
+            if options.distills:
+                teacher = copy_model(model) if pruned_model is model else model
             untuned, delivered_accuracy = None, 0.0
             if options.feature_shift and options.fst_fallback:
                 untuned = copy_model(pruned_model)
                 delivered_accuracy = rate(model, splits.validation)
 
-            def tune(model: keras.Model, settings: FineTuneSettings) -> FineTuneResult:
+            def tune(target: keras.Model, settings: FineTuneSettings) -> FineTuneResult:
                 tuned = fine_tune(
-                    model,
+                    target,
                     splits.train,
                     splits.validation,
                     settings,
