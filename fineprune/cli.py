@@ -138,6 +138,9 @@ def sanitize(
     shift_strength: Annotated[float, typer.Option(help=_help("shift_strength"))] = _default(
         "shift_strength"
     ),
+    unlearning_radius: Annotated[float, typer.Option(help=_help("unlearning_radius"))] = _default(
+        "unlearning_radius"
+    ),
     distillation: Annotated[float, typer.Option(help=_help("distillation"))] = _default(
         "distillation"
     ),
@@ -171,6 +174,7 @@ def sanitize(
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,
             shift_strength=shift_strength,
+            unlearning_radius=unlearning_radius,
             distillation=distillation,
             fst_fallback=fst_fallback,
             seed=seed,

@@ -8,23 +8,17 @@ head must read the features differently, so the feature extractor has to move wi
 the entangled backdoor features do not survive the move. It needs only the model and clean data.
 
 FST alone costs clean accuracy when the clean set is small (measured here: 8-11 points on a
-traffic-sign CNN from 1,275 images): the new head learns the defender's few sign tracks and
-forgets the rest. So the delivered model also teaches (distillation weight > 0): on mixtures of
-two clean images, the student matches the delivered model's class probabilities at temperature
-1. Mixtures cover more of the input space than the images themselves, and the delivered model
-is trustworthy on inputs without a trigger. A higher temperature would also copy the tiny
-probabilities the backdoor leaves on clean inputs: at temperature 2 or 4 a blended-trigger
-backdoor came back (19-28 % attack success against 0.4 % at 1).
+traffic-sign CNN from 1,275 images); the delivered model teaches to keep it
+(`fineprune.distillation`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fineprune.distillation import Teacher
 from fineprune.errors import PruningError
 from fineprune.graph import ModelGraph
 from fineprune.wrapped import TrainingWrapper
@@ -81,16 +75,6 @@ def alignment(head: keras.layers.Dense, original: np.ndarray) -> float:
     return float(kernel @ reference / denominator) if denominator else 0.0
 
 
-@dataclass(frozen=True)
-class Teacher:
-    """The delivered model as a teacher: its outputs on mixed clean images are targets."""
-
-    model: keras.Model
-    weight: float  # of the distillation loss, next to the cross-entropy's 1
-    mix: float = 0.5  # each image is mixed with another at a ratio drawn from [0, mix)
-    from_logits: bool = False
-
-
 class FeatureShift(TrainingWrapper):
     """Trains `inner` (sharing its variables) with FST's loss and norm constraint.
 
@@ -116,26 +100,6 @@ class FeatureShift(TrainingWrapper):
         self._norm = float(np.linalg.norm(original_kernel))
         if teacher is not None:
             teacher.model.trainable = False
-            binary = int(inner.outputs[0].shape[-1]) == 1
-            self._distill = (
-                keras.losses.BinaryCrossentropy(from_logits=teacher.from_logits)
-                if binary
-                else keras.losses.CategoricalCrossentropy(from_logits=teacher.from_logits)
-            )
-            self._binary = binary
-
-    def _distillation(self, x: tf.Tensor) -> tf.Tensor:
-        teacher = self.teacher
-        assert teacher is not None
-        batch = tf.shape(x)[0]
-        partner = tf.gather(x, tf.random.shuffle(tf.range(batch)))
-        ratio_shape = tf.concat([[batch], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
-        ratio = tf.random.uniform(ratio_shape, 0.0, teacher.mix, dtype=x.dtype)
-        mixed = (1.0 - ratio) * x + ratio * partner
-        target = teacher.model(mixed, training=False)
-        if teacher.from_logits:
-            target = tf.sigmoid(target) if self._binary else tf.nn.softmax(target)
-        return self._distill(tf.stop_gradient(target), self(mixed, training=True))
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data
@@ -147,7 +111,7 @@ class FeatureShift(TrainingWrapper):
             shift = tf.reduce_sum(kernel * tf.cast(self._original, kernel.dtype))
             total = loss + self.strength * shift
             if self.teacher is not None and self.teacher.weight:
-                total += self.teacher.weight * self._distillation(x)
+                total += self.teacher.loss(self, x)
         grads = tape.gradient(total, variables)
         self.apply_gradients(grads, variables)
         kernel.assign(kernel * (self._norm / (tf.norm(kernel) + 1e-12)))

@@ -12,6 +12,9 @@ are pulled back.
 
 With a feature-shift strength, the classifier head is re-initialized and kept turned away from
 the original one while everything trains (FST; `fineprune.feature_shift`).
+
+With an unlearning radius, each step also trains on the batch shifted by its worst universal
+perturbation within that radius (adversarial unlearning; `fineprune.unlearning`).
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune.data import LabelledData
+from fineprune.distillation import Teacher
 from fineprune.evaluation import OutputKind, predict, rate
 from fineprune.feature_shift import (
     FeatureShift,
-    Teacher,
     alignment,
     classifier_head,
     reinitialize,
 )
 from fineprune.sweep import predicted_classes
+from fineprune.unlearning import AdversarialUnlearning, perturbation_radius
 from fineprune.wrapped import TrainingWrapper
 
 ZeroMask = tuple[str, int, np.ndarray]  # layer name, weight index, True where the weight is 0
@@ -52,13 +56,16 @@ class FineTuneSettings:
     seed: int
     sharpness_radius: float = 0.0  # 0: plain fine-tuning; >0: adaptive SAM with this rho
     feature_shift: float = 0.0  # 0: keep the classifier; >0: FST with this penalty strength
-    distillation: float = 0.0  # FST only: weight of the delivered model's teaching
+    unlearning_radius: float = 0.0  # >0: adversarial unlearning, radius relative to input norm
+    distillation: float = 0.0  # FST and unlearning: weight of the delivered model's teaching
     keep_last: bool = False  # run every epoch and keep the last, instead of the validation pick
 
     @property
     def method(self) -> str:
         if self.feature_shift:
             return "feature-shift"
+        if self.unlearning_radius:
+            return "adversarial-unlearning"
         return "sharpness-aware" if self.sharpness_radius else "plain"
 
 
@@ -193,17 +200,28 @@ def fine_tune(
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
-    if settings.feature_shift and settings.sharpness_radius:
-        raise ValueError("feature-shift and sharpness-aware tuning are separate methods")
+    if (
+        sum(
+            map(
+                bool,
+                (settings.feature_shift, settings.sharpness_radius, settings.unlearning_radius),
+            )
+        )
+        > 1
+    ):
+        raise ValueError("feature-shift, sharpness-aware and unlearning are separate methods")
     head, original_head = None, None
     trainer: keras.Model = model
+    teach = None
+    if settings.distillation and teacher is not None:
+        teach = Teacher(teacher, settings.distillation, from_logits=kind == "logits")
     if settings.feature_shift:
         head = classifier_head(model)
         original_head = reinitialize(head, settings.seed)
-        teach = None
-        if settings.distillation and teacher is not None:
-            teach = Teacher(teacher, settings.distillation, from_logits=kind == "logits")
         trainer = FeatureShift(model, head, original_head, settings.feature_shift, teach)
+    elif settings.unlearning_radius:
+        radius = perturbation_radius(train.x, settings.unlearning_radius)
+        trainer = AdversarialUnlearning(model, loss, radius, teach)
     elif settings.sharpness_radius:
         trainer = SharpnessAware(model, settings.sharpness_radius)
     trainer.compile(

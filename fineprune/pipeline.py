@@ -167,6 +167,7 @@ def sanitize(
                 seed=options.seed,
                 sharpness_radius=options.sharpness,
                 feature_shift=options.feature_shift,
+                unlearning_radius=options.unlearning,
                 distillation=options.distillation,
                 keep_last=options.feature_shift > 0,
             )

@@ -640,14 +640,20 @@ def _history_section(report: SanitizeReport) -> str:
             "turned away from the original; head alignment is the cosine similarity of its "
             "weights with the original (1: unchanged).</p>"
         )
-        if report.options.distills:
-            intro += (
-                "<p>The delivered model taught the new one on mixtures of clean images "
-                f"(distillation weight {report.options.distillation:g}), to keep the clean "
-                "accuracy a fresh classifier would lose.</p>"
-            )
+    elif ft.method == "adversarial-unlearning":
+        intro += (
+            "<p>Method: <b>adversarial unlearning</b>. Each step also trained on the batch "
+            "shifted by its worst universal perturbation, of L2 norm up to "
+            f"{report.options.unlearning_radius:g} times the clean inputs' mean norm.</p>"
+        )
     elif ft.method == "sharpness-aware":
         intro += "<p>Method: <b>sharpness-aware</b> (adaptive SAM).</p>"
+    if report.options.distills and not ft.fallback_reason:
+        intro += (
+            "<p>The delivered model taught the tuned one on mixtures of clean images "
+            f"(distillation weight {report.options.distillation:g}), to keep the clean "
+            "accuracy this method would otherwise lose.</p>"
+        )
     if not rows:
         return intro
     return intro + _table(headers, rows, numeric=range(1, len(headers)), row_classes=classes)

@@ -14,8 +14,16 @@ Defense = Literal[
     "ft-sam",
     "fine-pruning-fst",
     "fst",
+    "fine-pruning-bau",
+    "bau",
 ]
-PRUNING_DEFENSES = ("fine-pruning", "pruning", "fine-pruning-sam", "fine-pruning-fst")
+PRUNING_DEFENSES = (
+    "fine-pruning",
+    "pruning",
+    "fine-pruning-sam",
+    "fine-pruning-fst",
+    "fine-pruning-bau",
+)
 TUNING_DEFENSES = (
     "fine-pruning",
     "fine-tuning",
@@ -23,9 +31,12 @@ TUNING_DEFENSES = (
     "ft-sam",
     "fine-pruning-fst",
     "fst",
+    "fine-pruning-bau",
+    "bau",
 )
 SHARPNESS_DEFENSES = ("fine-pruning-sam", "ft-sam")
 FEATURE_SHIFT_DEFENSES = ("fine-pruning-fst", "fst")
+UNLEARNING_DEFENSES = ("fine-pruning-bau", "bau")
 
 
 class SanitizeOptions(BaseModel):
@@ -40,7 +51,9 @@ class SanitizeOptions(BaseModel):
         "fine-pruning-sam (prune, then ft-sam), fst (feature-shift tuning: re-initialize the "
         "classifier and fine-tune it away from the original, Min et al. 2023, with the "
         "delivered model teaching on mixed clean images; runs every epoch and keeps the "
-        "last), or fine-pruning-fst (prune, then fst).",
+        "last), fine-pruning-fst (prune, then fst), bau (backdoor adversarial unlearning: train "
+        "on each batch and on its worst universal perturbation, the min-max of I-BAU, Zeng "
+        "et al. 2022, with the delivered model teaching), or fine-pruning-bau (prune, then bau).",
     )
     layer: str | None = Field(
         None,
@@ -118,13 +131,22 @@ class SanitizeOptions(BaseModel):
         description="Weight alpha of the penalty on the new classifier's inner product with "
         "the original one; used by the fst and fine-pruning-fst defenses.",
     )
+    unlearning_radius: float = Field(
+        0.2,
+        gt=0.0,
+        le=2.0,
+        description="L2 radius of the universal perturbation adversarial unlearning searches, "
+        "relative to the clean inputs' mean L2 norm; used by the bau and fine-pruning-bau "
+        "defenses.",
+    )
     distillation: float = Field(
         1.0,
         ge=0.0,
         le=100.0,
-        description="fst and fine-pruning-fst only: weight of the delivered model's teaching "
-        "(its class probabilities on mixtures of two clean images, temperature 1), which keeps "
-        "the clean accuracy a re-initialized classifier would lose; 0 for FST as published.",
+        description="fst, bau and their fine-pruning forms only: weight of the delivered "
+        "model's teaching (its class probabilities on mixtures of two clean images, temperature "
+        "1), which keeps the clean accuracy these defenses would lose; 0 for FST and I-BAU as "
+        "published.",
     )
     fst_fallback: bool = Field(
         True,
@@ -161,5 +183,10 @@ class SanitizeOptions(BaseModel):
         return self.shift_strength if self.defense in FEATURE_SHIFT_DEFENSES else 0.0
 
     @property
+    def unlearning(self) -> float:
+        """The relative perturbation radius adversarial unlearning uses: 0 for the others."""
+        return self.unlearning_radius if self.defense in UNLEARNING_DEFENSES else 0.0
+
+    @property
     def distills(self) -> bool:
-        return self.feature_shift > 0 and self.distillation > 0
+        return (self.feature_shift > 0 or self.unlearning > 0) and self.distillation > 0

@@ -93,7 +93,7 @@ class EpochRecord(_Strict):
 
 
 class FineTuneReport(_Strict):
-    method: Literal["plain", "sharpness-aware", "feature-shift"] = "plain"
+    method: Literal["plain", "sharpness-aware", "feature-shift", "adversarial-unlearning"] = "plain"
     reinitialized_layer: str | None = Field(
         None, description="The classifier head feature-shift tuning started from scratch."
     )

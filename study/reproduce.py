@@ -57,6 +57,8 @@ DEFENSES = (
     "fine-pruning-sam",
     "fst",
     "fine-pruning-fst",
+    "bau",
+    "fine-pruning-bau",
 )
 
 

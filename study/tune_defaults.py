@@ -87,6 +87,17 @@ SCHEDULES_BEYOND = {
     "fine-pruning-fst-a02": dict(defense="fine-pruning-fst", shift_strength=0.2),
 }
 SCHEDULES.update(SCHEDULES_BEYOND)
+# Backdoor adversarial unlearning (I-BAU's min-max, alternating), the delivered model teaching.
+SCHEDULES.update(
+    {
+        "bau": dict(defense="bau"),
+        "fine-pruning-bau": dict(defense="fine-pruning-bau"),
+        "bau-r01": dict(defense="bau", unlearning_radius=0.1),
+        "bau-r03": dict(defense="bau", unlearning_radius=0.3),
+        "bau-nodistill": dict(defense="bau", distillation=0.0),
+        "fine-pruning-bau-r03": dict(defense="fine-pruning-bau", unlearning_radius=0.3),
+    }
+)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500

@@ -22,6 +22,8 @@ DEFENSE_NAMES = {
     "fine-pruning-sam": "pruning, then FT-SAM",
     "fst": "FST",
     "fine-pruning-fst": "pruning, then FST",
+    "bau": "BAU (adversarial unlearning)",
+    "fine-pruning-bau": "pruning, then BAU",
 }
 PAPER_DEFENSES = ("pruning", "fine-tuning", "fine-pruning")
 SUCCESS_BAR = 0.05  # attack success we call "removed"

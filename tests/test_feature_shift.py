@@ -20,10 +20,10 @@ from factories import (
     trigger_set,
 )
 
+from fineprune.distillation import Teacher
 from fineprune.errors import PruningError
 from fineprune.feature_shift import (
     FeatureShift,
-    Teacher,
     alignment,
     classifier_head,
     reinitialize,
