@@ -103,6 +103,14 @@ def victim_key(attack: str, config: Config) -> str:
     return hashlib.sha256(json.dumps(asdict(config) | {"attack": attack}).encode()).hexdigest()[:12]
 
 
+def weights_digest(model: keras.Model) -> str:
+    """A fingerprint of the weights: training the same config again can give another model."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cached_victim(
     attack: str, data: Gtsrb, config: Config, log: Callable[[str], None], cache: Path | None
 ) -> dict:
@@ -234,10 +242,12 @@ def run(
                 entry["decoys"] = victim["decoys"]
                 entry["bias_shift_mean"] = victim["bias_shift_mean"]
             entry["victim_key"] = victim_key(attack, config)
+            entry["victim_weights"] = weights_digest(victim["model"])
             entry["defenses"] = {}
-            earlier = (previous or {}).get("attacks", {}).get(attack)
-            same_victim = earlier is not None and earlier.get("victim_key") == entry["victim_key"]
-            if victim.get("reused") and same_victim:
+            earlier = (previous or {}).get("attacks", {}).get(attack) or {}
+            # Same config is not enough: a victim trained again (no cache) differs.
+            same_victim = earlier.get("victim_weights") == entry["victim_weights"]
+            if same_victim:
                 # The same model was defended before: keep what this run does not redo.
                 entry["defenses"] = {
                     d: v for d, v in earlier["defenses"].items() if d not in defenses
