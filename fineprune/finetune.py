@@ -200,15 +200,8 @@ def fine_tune(
         for layer in _all_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
-    if (
-        sum(
-            map(
-                bool,
-                (settings.feature_shift, settings.sharpness_radius, settings.unlearning_radius),
-            )
-        )
-        > 1
-    ):
+    methods = (settings.feature_shift, settings.sharpness_radius, settings.unlearning_radius)
+    if sum(1 for strength in methods if strength) > 1:
         raise ValueError("feature-shift, sharpness-aware and unlearning are separate methods")
     head, original_head = None, None
     trainer: keras.Model = model
