@@ -92,14 +92,11 @@ class FeatureShift(TrainingWrapper):
         strength: float,
         teacher: Teacher | None = None,
     ) -> None:
-        super().__init__(inner, "fst")
+        super().__init__(inner, "fst", teacher)
         self.head = head
         self.strength = strength
-        self.teacher = teacher
         self._original = tf.constant(original_kernel)
         self._norm = float(np.linalg.norm(original_kernel))
-        if teacher is not None:
-            teacher.model.trainable = False
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data
@@ -109,9 +106,7 @@ class FeatureShift(TrainingWrapper):
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
             shift = tf.reduce_sum(kernel * tf.cast(self._original, kernel.dtype))
-            total = loss + self.strength * shift
-            if self.teacher is not None and self.teacher.weight:
-                total += self.teacher.loss(self, x)
+            total = loss + self.strength * shift + self.teaching(x)
         grads = tape.gradient(total, variables)
         self.apply_gradients(grads, variables)
         kernel.assign(kernel * (self._norm / (tf.norm(kernel) + 1e-12)))

@@ -10,13 +10,24 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from fineprune.distillation import Teacher
+
 
 class TrainingWrapper(keras.Model):
     """Shares `inner`'s variables; subclasses write `train_step` with the helpers below."""
 
-    def __init__(self, inner: keras.Model, suffix: str) -> None:
+    def __init__(self, inner: keras.Model, suffix: str, teacher: Teacher | None = None) -> None:
         super().__init__(name=f"{inner.name}_{suffix}")
         self.inner = inner
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.model.trainable = False
+
+    def teaching(self, x: tf.Tensor) -> tf.Tensor | float:
+        """The teacher's weighted loss on mixtures of `x`; 0 without a teacher."""
+        if self.teacher is None or not self.teacher.weight:
+            return 0.0
+        return self.teacher.loss(self, x)
 
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         return self.inner(inputs, training=training)
