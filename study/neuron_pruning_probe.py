@@ -1,0 +1,87 @@
+"""Adversarial neuron pruning (ANP) alone on the tuning victims of `study.tune_defaults`.
+
+A probe, not a defense of the product yet: it learns the masks on 1,275 of the defender's
+1,500 clean images, prunes on the other 225 by the accuracy rule, and measures the official
+GTSRB test images and their triggered copies. Results: docs/experiments/anp-probe.jsonl.
+
+    .venv/bin/python -m study.neuron_pruning_probe seed_cnn patch '{"steps": 400}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+
+from fineprune.attacks import triggered
+from fineprune.data import LabelledData
+from fineprune.neuron_pruning import NeuronPruningSettings, learn_masks, prune_by_masks
+from study.gtsrb import load
+from study.tune_defaults import DEFENDER_IMAGES, RESULTS, TARGET, TRIGGERS, victim
+
+VALIDATION = 225
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("arch")
+    parser.add_argument("trigger", choices=list(TRIGGERS))
+    parser.add_argument("settings", nargs="?", default="{}", help="NeuronPruningSettings, JSON")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    overrides = json.loads(args.settings)
+    settings = NeuronPruningSettings(**overrides)
+    data = load()
+    rows = np.random.default_rng(args.seed).choice(
+        len(data.defender.y), size=DEFENDER_IMAGES, replace=False
+    )
+    x, y = data.defender.x[rows], data.defender.y[rows]
+    train = LabelledData(x[:-VALIDATION], y[:-VALIDATION])
+    validation = LabelledData(x[-VALIDATION:], y[-VALIDATION:])
+    model = keras.models.load_model(victim(args.arch, args.trigger, args.seed, 10), compile=False)
+    xt, yt = triggered(data.test.x, data.test.y, TRIGGERS[args.trigger], TARGET)
+
+    def measure() -> tuple[float, float]:
+        clean = model.predict(data.test.x, batch_size=512, verbose=0).argmax(-1) == data.test.y
+        hit = model.predict(xt, batch_size=512, verbose=0).argmax(-1) == yt
+        return round(100 * float(clean.mean()), 1), round(100 * float(hit.mean()), 1)
+
+    before = measure()
+    started = time.perf_counter()
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    groups, masks, history = learn_masks(model, train, loss, settings)
+    seconds = time.perf_counter() - started
+    result = prune_by_masks(model, groups, masks, validation, settings)
+    after = measure()
+    record = {
+        "arch": args.arch,
+        "trigger": args.trigger,
+        "seed": args.seed,
+        "settings": overrides,
+        "test_accuracy_before": before[0],
+        "test_asr_before": before[1],
+        "test_accuracy_after": after[0],
+        "test_asr_after": after[1],
+        "pruned": {layer: len(channels) for layer, channels in result.pruned.items()},
+        "neurons": result.neurons,
+        "candidates": result.candidates,
+        "validation_accuracy": [
+            result.validation_accuracy_before,
+            result.validation_accuracy_after,
+        ],
+        "mask_loss_last": history[-1]["loss"] if history else None,
+        "mask_seconds": round(seconds, 1),
+    }
+    with (RESULTS / "anp-probe.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
