@@ -55,6 +55,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "upto-e20": ("upto", {"epochs": 20}),
     "upto-bau": ("upto", {"unlearning_radius": 0.2}),
     "upto-sam": ("upto", {"sharpness_radius": 2.0}),
+    "upto-bau-r01": ("upto", {"unlearning_radius": 0.1}),
+    "upto-bau-teach": ("upto", {"unlearning_radius": 0.2, "distillation": 1.0}),
 }
 
 
@@ -86,13 +88,16 @@ def main() -> None:
         return round(100 * float(clean.mean()), 1), round(100 * float(hit.mean()), 1)
 
     pruned_only = measure(pruned)
+    # The teaching variants learn from the delivered model, as the product's BAU does.
+    delivered = keras.models.load_model(victim(args.arch, args.trigger, seed, 10), compile=False)
     for name in args.variants.split(","):
         part, changes = VARIANTS[name]
         model = copy_model(pruned)
         for index, layer in enumerate(model.layers):
             layer.trainable = part == "all" or (index > cut) == (part == "after")
         started = time.perf_counter()
-        tuned = fine_tune(model, train, validation, replace(DEFAULT, **changes), "probabilities")
+        settings = replace(DEFAULT, **changes)
+        tuned = fine_tune(model, train, validation, settings, "probabilities", teacher=delivered)
         accuracy, asr = measure(model)
         record = {
             "arch": args.arch,
