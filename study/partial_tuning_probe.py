@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("arch", choices=list(PRUNED_LAYER))
     parser.add_argument("trigger", choices=list(TRIGGERS))
     parser.add_argument("variants", help=f"comma-separated, of {','.join(VARIANTS)}")
+    parser.add_argument(
+        "--per-epoch", action="store_true", help="also measure the test images after every epoch"
+    )
     args = parser.parse_args()
     seed = 0
     data = load()
@@ -97,7 +100,18 @@ def main() -> None:
             layer.trainable = part == "all" or (index > cut) == (part == "after")
         started = time.perf_counter()
         settings = replace(DEFAULT, **changes)
-        tuned = fine_tune(model, train, validation, settings, "probabilities", teacher=delivered)
+        trajectory: list[dict[str, float]] = []
+
+        def watch(
+            epoch: dict[str, float], model: keras.Model = model, into: list = trajectory
+        ) -> None:
+            if args.per_epoch:
+                accuracy, asr = measure(model)
+                into.append({**epoch, "test_accuracy": accuracy, "test_asr": asr})
+
+        tuned = fine_tune(
+            model, train, validation, settings, "probabilities", on_epoch=watch, teacher=delivered
+        )
         accuracy, asr = measure(model)
         record = {
             "arch": args.arch,
@@ -109,6 +123,8 @@ def main() -> None:
             "best_epoch": tuned.best_epoch,
             "seconds": round(time.perf_counter() - started),
         }
+        if trajectory:
+            record["per_epoch"] = trajectory
         with (RESULTS / "partial-tuning-probe.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
