@@ -68,8 +68,9 @@ def main() -> None:
     parser.add_argument(
         "--per-epoch", action="store_true", help="also measure the test images after every epoch"
     )
+    parser.add_argument("--seed", type=int, default=0, help="1: the held-out victims")
     args = parser.parse_args()
-    seed = 0
+    seed = args.seed
     data = load()
     rows = np.random.default_rng(seed).choice(
         len(data.defender.y), size=DEFENDER_IMAGES, replace=False
@@ -99,7 +100,7 @@ def main() -> None:
         for index, layer in enumerate(model.layers):
             layer.trainable = part == "all" or (index > cut) == (part == "after")
         started = time.perf_counter()
-        settings = replace(DEFAULT, **changes)
+        settings = replace(DEFAULT, seed=seed, **changes)
         trajectory: list[dict[str, float]] = []
 
         def watch(
@@ -116,6 +117,7 @@ def main() -> None:
         record = {
             "arch": args.arch,
             "trigger": args.trigger,
+            "seed": seed,
             "variant": name,
             "pruned_only": pruned_only,
             "test_accuracy_after": accuracy,
