@@ -63,7 +63,6 @@ class NeuronPruningResult:
     candidates: int = 0  # neurons whose mask fell below the threshold
     validation_accuracy_before: float = 0.0
     validation_accuracy_after: float = 0.0
-    history: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def pruned_count(self) -> int:
