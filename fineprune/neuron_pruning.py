@@ -139,6 +139,7 @@ class MaskedForward:
         masks: list[tf.Tensor],
         scale_noise: list[tf.Tensor] | None = None,
         bias_noise: list[tf.Tensor] | None = None,
+        training: bool = False,
     ) -> tf.Tensor:
         values = [
             [v.value for v in self._trainable],
@@ -150,7 +151,8 @@ class MaskedForward:
             at = self._bias_at[g]
             if at is not None and bias_noise is not None:
                 values[at[0]][at[1]] = values[at[0]][at[1]] * (1.0 + bias_noise[g])
-        outputs, _ = self.model.stateless_call(values[0], values[1], x, training=False)
+        # In training mode BatchNormalization normalizes by the batch; its statistics stay put.
+        outputs, _ = self.model.stateless_call(values[0], values[1], x, training=training)
         return outputs
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fineprune.data import LabelledData
+
 SIZE = 16
 CLASSES = 4
 
@@ -166,3 +168,25 @@ def train_backdoored(seed: int = 0, epochs: int = 12) -> keras.Model:
 def save_npz(path: Path, **arrays: np.ndarray) -> Path:
     np.savez(path, **arrays)
     return path
+
+
+def bn_and_plain_conv(seed: int = 0) -> keras.Model:
+    """Conv+BN (the BN is the neuron), a conv with no BN (its kernel is), a dense head."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="normed_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="plain_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
+    model = keras.Model(inputs, outputs)
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(seed)
+    bn.set_weights([rng.uniform(0.5, 1.5, 4), rng.normal(size=4), rng.normal(size=4), np.ones(4)])
+    return model
+
+
+def random_images(n: int = 48, seed: int = 0) -> LabelledData:
+    rng = np.random.default_rng(seed)
+    return LabelledData(rng.random((n, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, n))

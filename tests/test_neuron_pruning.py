@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from factories import bn_and_plain_conv, random_images
 
-from fineprune.data import LabelledData
 from fineprune.neuron_pruning import (
     MaskedForward,
     NeuronPruningSettings,
@@ -18,36 +18,14 @@ from fineprune.neuron_pruning import (
 LOSS = keras.losses.SparseCategoricalCrossentropy()
 
 
-def _model(seed: int = 0) -> keras.Model:
-    """Conv+BN (the BN is the neuron), a conv with no BN (its kernel is), a dense head."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="normed_conv")(inputs)
-    x = keras.layers.BatchNormalization(name="bn")(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Conv2D(6, 3, activation="relu", name="plain_conv")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
-    model = keras.Model(inputs, outputs)
-    bn = model.get_layer("bn")
-    rng = np.random.default_rng(seed)
-    bn.set_weights([rng.uniform(0.5, 1.5, 4), rng.normal(size=4), rng.normal(size=4), np.ones(4)])
-    return model
-
-
-def _data(n: int = 48, seed: int = 0) -> LabelledData:
-    rng = np.random.default_rng(seed)
-    return LabelledData(rng.random((n, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, n))
-
-
 def test_neurons_are_batchnorm_scales_and_unnormalized_kernels_never_the_head():
-    groups = neuron_groups(_model())
+    groups = neuron_groups(bn_and_plain_conv())
     assert [(g.layer, g.size) for g in groups] == [("bn", 4), ("plain_conv", 6)]
     assert groups[0].scale.path.endswith("gamma") and groups[1].scale.path.endswith("kernel")
 
 
 def test_the_masked_forward_is_the_model_with_all_ones_and_a_pruned_model_with_zeros():
-    model, data = _model(), _data()
+    model, data = bn_and_plain_conv(), random_images()
     groups = neuron_groups(model)
     forward = MaskedForward(model, groups)
     ones = [np.ones(g.size, np.float32) for g in groups]
@@ -63,7 +41,7 @@ def test_the_masked_forward_is_the_model_with_all_ones_and_a_pruned_model_with_z
 
 
 def test_learned_masks_stay_in_the_unit_interval_and_leave_the_weights_alone():
-    model, data = _model(), _data()
+    model, data = bn_and_plain_conv(), random_images()
     before = [w.copy() for w in model.get_weights()]
     settings = NeuronPruningSettings(steps=12, batch_size=16)
     _, masks, history = learn_masks(model, data, LOSS, settings)
@@ -79,7 +57,7 @@ def test_learned_masks_stay_in_the_unit_interval_and_leave_the_weights_alone():
 def test_pruning_zeroes_the_lowest_masks_below_the_threshold_within_the_accuracy_rule(
     allowed: float, expect_pruned: int | None
 ):
-    model, data = _model(), _data()
+    model, data = bn_and_plain_conv(), random_images()
     groups = neuron_groups(model)
     masks = [np.array([0.9, 0.05, 0.9, 0.9]), np.array([0.1, 0.9, 0.9, 0.15, 0.9, 0.9])]
     settings = NeuronPruningSettings(threshold=0.2, max_accuracy_drop=allowed)
