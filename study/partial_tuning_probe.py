@@ -96,6 +96,7 @@ def main() -> None:
     delivered = keras.models.load_model(victim(args.arch, args.trigger, seed, 10), compile=False)
     for name in args.variants.split(","):
         part, changes = VARIANTS[name]
+        keras.utils.set_random_seed(seed)  # each variant from the same state, whatever ran before
         model = copy_model(pruned)
         for index, layer in enumerate(model.layers):
             layer.trainable = part == "all" or (index > cut) == (part == "after")
