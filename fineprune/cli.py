@@ -128,6 +128,9 @@ def sanitize(
     lr_schedule: Annotated[str, typer.Option(help=_help("lr_schedule"))] = _default("lr_schedule"),
     batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = _default("batch_size"),
     augment: Annotated[bool, typer.Option(help=_help("augment"))] = _default("augment"),
+    synthetic_triggers: Annotated[float, typer.Option(help=_help("synthetic_triggers"))] = _default(
+        "synthetic_triggers"
+    ),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
@@ -170,6 +173,7 @@ def sanitize(
             lr_schedule=lr_schedule,
             batch_size=batch_size,
             augment=augment,
+            synthetic_triggers=synthetic_triggers,
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,

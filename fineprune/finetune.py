@@ -36,6 +36,7 @@ from fineprune.feature_shift import (
     reinitialize,
 )
 from fineprune.sweep import predicted_classes
+from fineprune.synthetic_triggers import SyntheticTriggers
 from fineprune.unlearning import AdversarialUnlearning, perturbation_radius
 from fineprune.wrapped import TrainingWrapper
 
@@ -59,6 +60,7 @@ class FineTuneSettings:
     unlearning_radius: float = 0.0  # >0: adversarial unlearning, radius relative to input norm
     distillation: float = 0.0  # FST and unlearning: weight of the delivered model's teaching
     keep_last: bool = False  # run every epoch and keep the last, instead of the validation pick
+    synthetic_triggers: float = 0.0  # share of each batch stamped with a random patch or blend
 
     @property
     def method(self) -> str:
@@ -168,6 +170,9 @@ def _dataset(data: LabelledData, settings: FineTuneSettings, image_like: bool) -
     if settings.augment and image_like:
         augment = _augmenter(settings.seed)
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=2)
+    if settings.synthetic_triggers and image_like:
+        stamp = SyntheticTriggers(settings.synthetic_triggers, data.x, settings.seed)
+        ds = ds.enumerate().map(lambda step, xy: (stamp(xy[0], step), xy[1]))
     return ds.prefetch(2)
 
 

@@ -162,6 +162,7 @@ def sanitize(
                 lr_schedule=options.lr_schedule,
                 batch_size=options.batch_size,
                 augment=options.augment,
+                synthetic_triggers=options.synthetic_triggers,
                 patience=options.patience,
                 freeze_batchnorm=options.freeze_batchnorm,
                 seed=options.seed,

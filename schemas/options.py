@@ -108,6 +108,15 @@ class SanitizeOptions(BaseModel):
         description="Random small shifts, zooms and contrast changes while fine-tuning "
         "(image inputs only).",
     )
+    synthetic_triggers: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of each fine-tuning batch stamped with a random synthetic trigger "
+        "(a square of random pixels at a random place, or a random pattern blended in at "
+        "5-30 %), labels kept, so the model learns that such patterns say nothing about the "
+        "class (image inputs only; 0: off).",
+    )
     freeze_batchnorm: bool = Field(
         True,
         description="Keep BatchNormalization statistics and scales as trained while fine-tuning: "

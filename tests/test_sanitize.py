@@ -192,6 +192,7 @@ def test_cli_help_explains_every_option():
         "--defense",
         "--shift-strength",
         "--distillation",
+        "--synthetic-triggers",
         "--json",
     ):
         assert option in done.stdout
@@ -241,6 +242,25 @@ def test_sharpness_aware_defenses_run_through_the_pipeline(files, tmp_path: Path
     assert [layer.name for layer in sanitized.layers] == [
         layer.name for layer in keras.models.load_model(files["keras"], compile=False).layers
     ]
+
+
+def test_synthetic_triggers_change_what_fine_tuning_learns(files, tmp_path: Path):
+    weights = {}
+    for share in (0.0, 0.5):
+        report = sanitize(
+            Inputs(files["keras"], files["clean"]),
+            tmp_path / str(share),
+            SanitizeOptions(synthetic_triggers=share, epochs=2, patience=5),
+        )
+        assert report.options.synthetic_triggers == share
+        assert report.fine_tuning is not None and report.fine_tuning.epochs_run == 2
+        sanitized = tmp_path / str(share) / "sanitized.keras"
+        weights[share] = keras.models.load_model(sanitized, compile=False).get_weights()
+    assert len(weights[0.0]) == len(weights[0.5])  # the same pruning: only the stamps differ
+    assert any(
+        a.shape == b.shape and not np.array_equal(a, b)
+        for a, b in zip(weights[0.0], weights[0.5], strict=True)
+    )
 
 
 def test_plain_defenses_do_not_use_sharpness():
