@@ -1,9 +1,11 @@
 """The experiment behind the sanitize defaults: fine-tuning schedules against attacks we build.
 
 Victims: the seed CNN and a small ResNet, each backdoored all-to-one with a patch and with a
-blended trigger, on GTSRB. Tuning victims use one training seed; held-out victims another, and
-are only ever run with the chosen defaults. Every sanitize sees 1,500 clean images of the
-defender's pool; clean accuracy is also measured on the official GTSRB test images.
+blended trigger, on GTSRB; `small_resnet_aug` is the same ResNet trained with augmentation for
+30 epochs (85-87 % on the test signs, where the plain recipe leaves it at 71-75 %). Tuning
+victims use one training seed; held-out victims another, and are only ever run with the chosen
+defaults. Every sanitize sees 1,500 clean images of the defender's pool; clean accuracy is also
+measured on the official GTSRB test images.
 
     .venv/bin/python -m study.tune_defaults --phase tune      # compare schedules
     .venv/bin/python -m study.tune_defaults --phase heldout   # defaults on unseen victims
@@ -33,7 +35,14 @@ from study.training import train
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "victims-v2"
 RESULTS = ROOT / "docs" / "experiments"
-ARCHITECTURES = {"seed_cnn": seed_cnn, "small_resnet": small_resnet}
+ARCHITECTURES = {
+    "seed_cnn": seed_cnn,
+    "small_resnet": small_resnet,
+    "small_resnet_aug": small_resnet,
+}
+# How each victim is trained, beyond `train`'s defaults. "small_resnet_aug" is the small ResNet
+# as a competent trainer would deliver it (87 % on the test signs instead of 72-75 %).
+RECIPES: dict[str, dict] = {"small_resnet_aug": dict(epochs=30, learning_rate=2e-3, augment=True)}
 TRIGGERS = {"patch": PatchTrigger(size=4), "blended": BlendedTrigger(alpha=0.15)}
 SCHEDULES = {
     "paper": dict(epochs=10, learning_rate=1e-3, optimizer="adam", augment=False, patience=10),
@@ -110,6 +119,14 @@ SCHEDULES.update(
         "fine-pruning-fst-drop2": dict(defense="fine-pruning-fst", max_accuracy_drop=2.0),
     }
 )
+# Random synthetic triggers (patches and blends, labels kept) stamped on part of every batch.
+SCHEDULES.update(
+    {
+        "synth50": dict(synthetic_triggers=0.5),
+        "synth50-e20": dict(synthetic_triggers=0.5, epochs=20),
+        "fine-tuning-synth50": dict(defense="fine-tuning", synthetic_triggers=0.5),
+    }
+)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
@@ -125,7 +142,8 @@ def victim(arch: str, trigger: str, seed: int, epochs: int) -> Path:
         data.attacker.x, data.attacker.y, TRIGGERS[trigger], TARGET, POISON_RATE, seed=seed
     )
     keras.utils.set_random_seed(seed)
-    model = train(ARCHITECTURES[arch](classes=len(data.names)), x, y, epochs, seed)
+    recipe = {"epochs": epochs, **RECIPES.get(arch, {})}
+    model = train(ARCHITECTURES[arch](classes=len(data.names)), x, y, seed=seed, **recipe)
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}-{os.getpid()}.keras")
     model.save(partial)
