@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +92,41 @@ def make_celery(settings: Settings, name: str = "fineprune", **kwargs: Any) -> C
     return app
 
 
+def prepare_embedded_broker(app: Celery, queues: list[str], attempts: int = 5) -> None:
+    """Embedded mode: create the SQLite broker's queue rows before anything races to.
+
+    Kombu's SQLAlchemy transport creates a queue's row on first use by query-then-insert; when
+    the API and a worker start together both can insert, and the loser's UNIQUE violation
+    kills the worker at startup. Declaring here, retrying on that violation (the retry finds
+    the row), leaves nothing for the later implicit declarations to insert.
+    """
+    if not str(app.conf.broker_url).startswith("sqla+"):
+        return
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with app.connection_for_write() as conn:
+                channel = conn.default_channel
+                for queue in queues:
+                    channel.queue_declare(queue)
+            return
+        except IntegrityError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.05 * attempt)
+
+
 class JobQueue:
     """What the API needs from the broker: send a job, measure the backlog, check it is up."""
 
     def __init__(self, settings: Settings, app: Celery | None = None) -> None:
         self.settings = settings
         self.app = app or make_celery(settings, name="fineprune-api")
+
+    def prepare(self) -> None:
+        """Create the queues in the embedded broker (nothing to do with Redis)."""
+        prepare_embedded_broker(self.app, [self.settings.cpu_queue, self.settings.gpu_queue])
 
     def send(self, job_id: str, queue: str) -> None:
         """Queue the job; the task id is the job id, so a resend is recognisable."""

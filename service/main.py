@@ -66,9 +66,13 @@ def create_app(
     settings = settings or get_settings()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.is_open and not _is_loopback(settings.host):
             log.warning("open mode on %s: anyone who can reach it can submit jobs", settings.host)
+        try:
+            app.state.queue.prepare()
+        except Exception:  # the broker may come up later; sends retry, health says so
+            log.warning("could not create the broker's queues at startup", exc_info=True)
         yield
 
     app = FastAPI(

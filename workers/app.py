@@ -8,8 +8,17 @@ process nor pool child ever imports the engine: each job runs it in a fresh proc
 
 from __future__ import annotations
 
-from jobs.queue import make_celery
+from typing import Any
+
+from celery.signals import worker_init
+
+from jobs.queue import make_celery, prepare_embedded_broker
 from jobs.settings import get_settings
 
 settings = get_settings()
 app = make_celery(settings, name="fineprune", include=["workers.tasks"])
+
+
+@worker_init.connect
+def _prepare_broker(**_: Any) -> None:
+    prepare_embedded_broker(app, [settings.cpu_queue, settings.gpu_queue])
