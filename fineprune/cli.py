@@ -59,6 +59,15 @@ def _parse_rescale(value: str | None) -> float | None:
         raise typer.BadParameter(f"{value!r} is not a number or fraction like 1/255") from exc
 
 
+def _parse_share(value: str) -> float | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is neither a share like 0.5 nor auto") from exc
+
+
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -128,9 +137,10 @@ def sanitize(
     lr_schedule: Annotated[str, typer.Option(help=_help("lr_schedule"))] = _default("lr_schedule"),
     batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = _default("batch_size"),
     augment: Annotated[bool, typer.Option(help=_help("augment"))] = _default("augment"),
-    synthetic_triggers: Annotated[float, typer.Option(help=_help("synthetic_triggers"))] = _default(
-        "synthetic_triggers"
-    ),
+    synthetic_triggers: Annotated[
+        str,
+        typer.Option(metavar="SHARE|auto", help=_help("synthetic_triggers")),
+    ] = str(_default("synthetic_triggers")),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
@@ -173,7 +183,7 @@ def sanitize(
             lr_schedule=lr_schedule,
             batch_size=batch_size,
             augment=augment,
-            synthetic_triggers=synthetic_triggers,
+            synthetic_triggers=_parse_share(synthetic_triggers),
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,

@@ -35,6 +35,7 @@ from fineprune.feature_shift import (
     classifier_head,
     reinitialize,
 )
+from fineprune.relative_rate import LayerScaledAdam, layer_scales
 from fineprune.sweep import predicted_classes
 from fineprune.synthetic_triggers import SyntheticTriggers
 from fineprune.unlearning import AdversarialUnlearning, perturbation_radius
@@ -61,6 +62,7 @@ class FineTuneSettings:
     distillation: float = 0.0  # FST and unlearning: weight of the delivered model's teaching
     keep_last: bool = False  # run every epoch and keep the last, instead of the validation pick
     synthetic_triggers: float = 0.0  # share of each batch stamped with a random patch or blend
+    relative_rate: bool = False  # Adam only: each layer's rate is the rate times its kernel's RMS
 
     @property
     def method(self) -> str:
@@ -80,6 +82,7 @@ class FineTuneResult:
     reinitialized_layer: str | None = None
     selected_on: str = "validation"
     fallback_reason: str | None = None  # set when this replaced a failed feature-shift run
+    synthetic_triggers: float = 0.0  # the share of each batch that was stamped
 
 
 class _KeepZeroed(keras.callbacks.Callback):
@@ -143,13 +146,17 @@ def _loss(kind: OutputKind, classes: int) -> keras.losses.Loss:
     return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
 
 
-def _optimizer(settings: FineTuneSettings, steps: int) -> keras.optimizers.Optimizer:
+def _optimizer(
+    settings: FineTuneSettings, steps: int, model: keras.Model
+) -> keras.optimizers.Optimizer:
     rate: float | keras.optimizers.schedules.LearningRateSchedule = settings.learning_rate
     if settings.lr_schedule == "cosine":
         # High early, when the backdoor is unlearned; near zero late, when accuracy settles.
         rate = keras.optimizers.schedules.CosineDecay(settings.learning_rate, max(steps, 1))
     if settings.optimizer == "sgd":
         return keras.optimizers.SGD(rate, momentum=0.9, nesterov=True)
+    if settings.relative_rate:
+        return LayerScaledAdam(rate, layer_scales(model))
     return keras.optimizers.Adam(rate)
 
 
@@ -223,7 +230,9 @@ def fine_tune(
     elif settings.sharpness_radius:
         trainer = SharpnessAware(model, settings.sharpness_radius)
     trainer.compile(
-        optimizer=_optimizer(settings, settings.epochs * -(-len(train) // settings.batch_size)),
+        optimizer=_optimizer(
+            settings, settings.epochs * -(-len(train) // settings.batch_size), model
+        ),
         loss=loss,
         metrics=["accuracy"],
     )
@@ -242,6 +251,7 @@ def fine_tune(
         method=settings.method,
         reinitialized_layer=None if head is None else str(head.name),
         selected_on="last" if settings.keep_last else "validation",
+        synthetic_triggers=settings.synthetic_triggers if image_like else 0.0,
     )
     since_best = 0
     for epoch in range(1, settings.epochs + 1):

@@ -36,6 +36,7 @@ from fineprune.loading import load_untrusted_model, save_model, sha256_file
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, copy_model, cut
 from fineprune.sweep import ChannelSweeper, masked_predict
+from fineprune.synthetic_triggers import automatic_share
 from schemas.options import SanitizeOptions
 from schemas.report import (
     CurvePoint,
@@ -162,7 +163,12 @@ def sanitize(
                 lr_schedule=options.lr_schedule,
                 batch_size=options.batch_size,
                 augment=options.augment,
-                synthetic_triggers=options.synthetic_triggers,
+                synthetic_triggers=(
+                    automatic_share(pruned_model)
+                    if options.synthetic_triggers == "auto"
+                    else options.synthetic_triggers
+                ),
+                relative_rate=options.relative_learning_rate,
                 patience=options.patience,
                 freeze_batchnorm=options.freeze_batchnorm,
                 seed=options.seed,
@@ -426,6 +432,7 @@ def _tuning_report(tuning) -> FineTuneReport | None:
         return None
     return FineTuneReport(
         method=tuning.method,
+        synthetic_triggers=tuning.synthetic_triggers,
         reinitialized_layer=tuning.reinitialized_layer,
         selected_on=tuning.selected_on,
         fallback_reason=tuning.fallback_reason,

@@ -102,20 +102,25 @@ class SanitizeOptions(BaseModel):
     optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="Fine-tuning optimizer: adam, or sgd with Nesterov momentum 0.9."
     )
+    relative_learning_rate: bool = Field(
+        False,
+        description="Adam only: read learning_rate as a fraction of each layer's weight scale "
+        "(each layer's rate is learning_rate times the RMS of its kernel), so that one setting "
+        "moves every layer of every model by the same share of its weights.",
+    )
     batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     augment: bool = Field(
         False,
         description="Random small shifts, zooms and contrast changes while fine-tuning "
         "(image inputs only).",
     )
-    synthetic_triggers: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
+    synthetic_triggers: float | Literal["auto"] = Field(
+        "auto",
         description="Share of each fine-tuning batch stamped with a random synthetic trigger "
         "(a square of random pixels at a random place, or a random pattern blended in at "
         "5-30 %), labels kept, so the model learns that such patterns say nothing about the "
-        "class (image inputs only; 0: off).",
+        "class (image inputs only; 0: off). 'auto': 0.5 for models with a global pooling "
+        "layer, 0 for the others.",
     )
     freeze_batchnorm: bool = Field(
         True,
@@ -171,6 +176,10 @@ class SanitizeOptions(BaseModel):
     def _defense_needs(self) -> SanitizeOptions:
         if not self.prunes and self.prune_fraction not in (None, 0.0):
             raise ValueError(f"prune_fraction makes no sense with defense {self.defense!r}")
+        if self.synthetic_triggers != "auto" and not 0.0 <= self.synthetic_triggers <= 1.0:
+            raise ValueError("synthetic_triggers must be 'auto' or a share in [0, 1]")
+        if self.relative_learning_rate and self.optimizer != "adam":
+            raise ValueError("relative_learning_rate needs optimizer 'adam'")
         return self
 
     @property

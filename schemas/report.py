@@ -102,6 +102,9 @@ class FineTuneReport(_Strict):
         description="Set when feature-shift tuning failed the validation check and this "
         "plain fine-tuning replaced it.",
     )
+    synthetic_triggers: float = Field(
+        0.0, description="Share of each batch stamped with synthetic triggers ('auto' resolved)."
+    )
     epochs_run: int
     best_epoch: int = Field(description="The epoch kept (1-based); 0 only when none ran.")
     history: list[EpochRecord]

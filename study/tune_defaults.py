@@ -123,6 +123,14 @@ SCHEDULES.update(
 SCHEDULES.update(
     {
         "synth50": dict(synthetic_triggers=0.5),
+        "synth20": dict(synthetic_triggers=0.2),
+        "synth50-lr2e-3": dict(synthetic_triggers=0.5, learning_rate=2e-3),
+        "synth-auto": dict(synthetic_triggers="auto"),
+        "no-synth": dict(synthetic_triggers=0.0),  # the default before "auto"
+        "synth20-lr2e-3": dict(synthetic_triggers=0.2, learning_rate=2e-3),
+        # Each layer's rate relative to its kernel's RMS (fineprune.relative_rate).
+        "relative-0.03": dict(relative_learning_rate=True, learning_rate=0.03),
+        "relative-0.05": dict(relative_learning_rate=True, learning_rate=0.05),
         "synth50-e20": dict(synthetic_triggers=0.5, epochs=20),
         "fine-tuning-synth50": dict(defense="fine-tuning", synthetic_triggers=0.5),
     }
@@ -209,6 +217,7 @@ def main() -> None:
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
     parser.add_argument("--victims-only", action="store_true", help="Only train the victims.")
     parser.add_argument("--results", help="JSON lines file name under docs/experiments/")
+    parser.add_argument("--seed", type=int, help="victims' training seed (default: by phase)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / (args.results or f"defaults-{args.phase}.jsonl")
@@ -217,7 +226,7 @@ def main() -> None:
         for line in out.read_text().splitlines():
             r = json.loads(line)
             done.add((r["arch"], r["trigger"], r["seed"], r["schedule"]))
-    seed = 0 if args.phase == "tune" else 1
+    seed = args.seed if args.seed is not None else (0 if args.phase == "tune" else 1)
     explicit = args.schedules != ",".join(SCHEDULES)
     schedules = args.schedules.split(",") if args.phase == "tune" or explicit else ["default"]
     for arch in args.archs.split(","):

@@ -12,10 +12,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from factories import save_npz, textures, train_backdoored, trigger_set
+from factories import residual_block, save_npz, textures, train_backdoored, trigger_set
 
 from fineprune.finetune import SharpnessAware
 from fineprune.pipeline import Inputs, sanitize
+from fineprune.synthetic_triggers import AUTOMATIC_SHARE
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
 
@@ -166,6 +167,8 @@ def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path)
         (["--data", "/nonexistent.npz"], 2, "does not exist"),
         (["--data", "{clean}", "--max-accuracy-drop", "-1"], 2, "max_accuracy_drop"),
         (["--data", "{clean}", "--rescale", "1/0"], 2, "1/0"),
+        (["--data", "{clean}", "--synthetic-triggers", "lots"], 2, "lots"),
+        (["--data", "{clean}", "--synthetic-triggers", "1.5"], 2, "synthetic_triggers"),
     ],
 )
 def test_cli_fails_with_one_clear_line(files, tmp_path: Path, args, code: int, message: str):
@@ -254,6 +257,7 @@ def test_synthetic_triggers_change_what_fine_tuning_learns(files, tmp_path: Path
         )
         assert report.options.synthetic_triggers == share
         assert report.fine_tuning is not None and report.fine_tuning.epochs_run == 2
+        assert report.fine_tuning.synthetic_triggers == share
         sanitized = tmp_path / str(share) / "sanitized.keras"
         weights[share] = keras.models.load_model(sanitized, compile=False).get_weights()
     assert len(weights[0.0]) == len(weights[0.5])  # the same pruning: only the stamps differ
@@ -263,6 +267,20 @@ def test_synthetic_triggers_change_what_fine_tuning_learns(files, tmp_path: Path
     )
 
 
+def test_auto_synthetic_triggers_follow_the_architecture(files, tmp_path: Path):
+    pooled = tmp_path / "pooled.keras"
+    residual_block().save(pooled)
+    for path, expected in ((pooled, AUTOMATIC_SHARE), (files["keras"], 0.0)):
+        report = sanitize(
+            Inputs(path, files["clean"]),
+            tmp_path / path.stem,
+            SanitizeOptions(synthetic_triggers="auto", epochs=1),
+        )
+        assert report.options.synthetic_triggers == "auto"
+        assert report.fine_tuning is not None
+        assert report.fine_tuning.synthetic_triggers == expected
+
+
 def test_plain_defenses_do_not_use_sharpness():
     assert SanitizeOptions(defense="fine-pruning").sharpness == 0.0
     with pytest.raises(ValueError, match="prune_fraction"):
@@ -270,7 +288,13 @@ def test_plain_defenses_do_not_use_sharpness():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"seed": 2**32}, {"rescale": float("inf")}, {"learning_rate": float("nan")}]
+    "bad",
+    [
+        {"seed": 2**32},
+        {"rescale": float("inf")},
+        {"learning_rate": float("nan")},
+        {"relative_learning_rate": True, "optimizer": "sgd"},
+    ],
 )
 def test_options_refuse_what_the_engine_cannot_use(bad: dict):
     with pytest.raises(ValueError):
