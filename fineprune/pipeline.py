@@ -156,28 +156,7 @@ def sanitize(
     with run.stage("fine-tune") as report_progress:
         tuning = None
         if options.fine_tunes:
-            settings = FineTuneSettings(
-                epochs=options.epochs,
-                learning_rate=options.learning_rate,
-                optimizer=options.optimizer,
-                lr_schedule=options.lr_schedule,
-                batch_size=options.batch_size,
-                augment=options.augment,
-                synthetic_triggers=(
-                    automatic_share(pruned_model)
-                    if options.synthetic_triggers == "auto"
-                    else options.synthetic_triggers
-                ),
-                relative_rate=options.relative_learning_rate,
-                patience=options.patience,
-                freeze_batchnorm=options.freeze_batchnorm,
-                seed=options.seed,
-                sharpness_radius=options.sharpness,
-                feature_shift=options.feature_shift,
-                unlearning_radius=options.unlearning,
-                distillation=options.distillation,
-                keep_last=options.feature_shift > 0,
-            )
+            settings = fine_tune_settings(options, pruned_model)
             # The delivered model teaches; it is trained in place only when nothing was cut.
             teacher = None
             if options.distills:
@@ -424,6 +403,29 @@ def _surgery_report(
         adjusted_layers=result.adjusted_layers,
         mean_activations=[float(v) for v in profile.mean_over(rows["tune"])],
         profiled_at=path.profile_layer,
+    )
+
+
+def fine_tune_settings(options: SanitizeOptions, model: keras.Model) -> FineTuneSettings:
+    """The fine-tuning `options` ask for, `auto` resolved for `model` (the one to be tuned)."""
+    share = options.synthetic_triggers
+    return FineTuneSettings(
+        epochs=options.epochs,
+        learning_rate=options.learning_rate,
+        optimizer=options.optimizer,
+        lr_schedule=options.lr_schedule,
+        batch_size=options.batch_size,
+        augment=options.augment,
+        synthetic_triggers=automatic_share(model) if share == "auto" else share,
+        relative_rate=options.relative_learning_rate,
+        patience=options.patience,
+        freeze_batchnorm=options.freeze_batchnorm,
+        seed=options.seed,
+        sharpness_radius=options.sharpness,
+        feature_shift=options.feature_shift,
+        unlearning_radius=options.unlearning,
+        distillation=options.distillation,
+        keep_last=options.feature_shift > 0,
     )
 
 

@@ -9,7 +9,6 @@ GTSRB test images and their triggered copies. Results: docs/experiments/anp-prob
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -17,41 +16,19 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
-import numpy as np
 
-from fineprune.attacks import triggered
-from fineprune.data import LabelledData
 from fineprune.neuron_pruning import NeuronPruningSettings, learn_masks, prune_by_masks
-from study.gtsrb import load
-from study.tune_defaults import DEFENDER_IMAGES, RESULTS, TARGET, TRIGGERS, victim
-
-VALIDATION = 225
+from study.probe_setup import probe_parser, probe_setup
+from study.tune_defaults import RESULTS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("arch")
-    parser.add_argument("trigger", choices=list(TRIGGERS))
-    parser.add_argument("settings", nargs="?", default="{}", help="NeuronPruningSettings, JSON")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = probe_parser("NeuronPruningSettings, JSON")
     args = parser.parse_args()
     overrides = json.loads(args.settings)
     settings = NeuronPruningSettings(**overrides)
-    data = load()
-    rows = np.random.default_rng(args.seed).choice(
-        len(data.defender.y), size=DEFENDER_IMAGES, replace=False
-    )
-    x, y = data.defender.x[rows], data.defender.y[rows]
-    train = LabelledData(x[:-VALIDATION], y[:-VALIDATION])
-    validation = LabelledData(x[-VALIDATION:], y[-VALIDATION:])
-    model = keras.models.load_model(victim(args.arch, args.trigger, args.seed, 10), compile=False)
-    xt, yt = triggered(data.test.x, data.test.y, TRIGGERS[args.trigger], TARGET)
-
-    def measure() -> tuple[float, float]:
-        clean = model.predict(data.test.x, batch_size=512, verbose=0).argmax(-1) == data.test.y
-        hit = model.predict(xt, batch_size=512, verbose=0).argmax(-1) == yt
-        return round(100 * float(clean.mean()), 1), round(100 * float(hit.mean()), 1)
-
+    setup = probe_setup(args.arch, args.trigger, args.seed)
+    model, train, validation, measure = setup.model, setup.train, setup.validation, setup.measure
     before = measure()
     started = time.perf_counter()
     loss = keras.losses.SparseCategoricalCrossentropy()

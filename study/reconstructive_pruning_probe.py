@@ -11,7 +11,6 @@ again. Results: docs/experiments/rnp-probe.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -21,42 +20,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 
-from fineprune.attacks import triggered
-from fineprune.data import LabelledData
-from fineprune.finetune import FineTuneSettings, fine_tune
+from fineprune.finetune import fine_tune
+from fineprune.pipeline import fine_tune_settings
 from fineprune.reconstructive_pruning import ReconstructivePruningSettings, reconstructive_prune
 from schemas.options import SanitizeOptions
-from study.gtsrb import load
-from study.tune_defaults import DEFENDER_IMAGES, RESULTS, TARGET, TRIGGERS, victim
-
-VALIDATION = 225
+from study.probe_setup import probe_parser, probe_setup
+from study.tune_defaults import RESULTS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("arch")
-    parser.add_argument("trigger", choices=list(TRIGGERS))
-    parser.add_argument("settings", nargs="?", default="{}", help="RNP settings, JSON")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = probe_parser("RNP settings, JSON")
     parser.add_argument("--fine-tune", action="store_true", help="then the default fine-tuning")
     args = parser.parse_args()
     overrides = json.loads(args.settings)
     settings = ReconstructivePruningSettings(**overrides)
-    data = load()
-    rows = np.random.default_rng(args.seed).choice(
-        len(data.defender.y), size=DEFENDER_IMAGES, replace=False
-    )
-    x, y = data.defender.x[rows], data.defender.y[rows]
-    train = LabelledData(x[:-VALIDATION], y[:-VALIDATION])
-    validation = LabelledData(x[-VALIDATION:], y[-VALIDATION:])
-    model = keras.models.load_model(victim(args.arch, args.trigger, args.seed, 10), compile=False)
-    xt, yt = triggered(data.test.x, data.test.y, TRIGGERS[args.trigger], TARGET)
-
-    def measure() -> tuple[float, float]:
-        clean = model.predict(data.test.x, batch_size=512, verbose=0).argmax(-1) == data.test.y
-        hit = model.predict(xt, batch_size=512, verbose=0).argmax(-1) == yt
-        return round(100 * float(clean.mean()), 1), round(100 * float(hit.mean()), 1)
-
+    setup = probe_setup(args.arch, args.trigger, args.seed)
+    model, train, validation, measure = setup.model, setup.train, setup.validation, setup.measure
     before = measure()
     started = time.perf_counter()
     loss = keras.losses.SparseCategoricalCrossentropy()
@@ -84,18 +63,7 @@ def main() -> None:
         "seconds": round(seconds, 1),
     }
     if args.fine_tune:
-        options = SanitizeOptions(seed=args.seed)
-        tuning = FineTuneSettings(
-            epochs=options.epochs,
-            learning_rate=options.learning_rate,
-            optimizer=options.optimizer,
-            lr_schedule=options.lr_schedule,
-            batch_size=options.batch_size,
-            augment=options.augment,
-            patience=options.patience,
-            freeze_batchnorm=options.freeze_batchnorm,
-            seed=args.seed,
-        )
+        tuning = fine_tune_settings(SanitizeOptions(seed=args.seed), model)
         zero = [
             (layer, 0, np.isin(np.arange(model.get_layer(layer).weights[0].shape[-1]), channels))
             for layer, channels in result.pruned.items()
