@@ -35,6 +35,7 @@ from fineprune.feature_shift import (
     classifier_head,
     reinitialize,
 )
+from fineprune.graph import leaf_layers
 from fineprune.relative_rate import LayerScaledAdam, layer_scales
 from fineprune.sweep import predicted_classes
 from fineprune.synthetic_triggers import SyntheticTriggers
@@ -132,13 +133,6 @@ class SharpnessAware(TrainingWrapper):
         return self.metrics_after(loss, y, y_pred)
 
 
-def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    found = []
-    for layer in model.layers:
-        found.extend(_all_layers(layer) if isinstance(layer, keras.Model) else [layer])
-    return found
-
-
 def _loss(kind: OutputKind, classes: int) -> keras.losses.Loss:
     from_logits = kind == "logits"
     if classes == 1:
@@ -209,7 +203,7 @@ def fine_tune(
     classes = int(model.outputs[0].shape[-1])
     loss = _loss(kind, classes)
     if settings.freeze_batchnorm:
-        for layer in _all_layers(model):
+        for layer in leaf_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
     methods = (settings.feature_shift, settings.sharpness_radius, settings.unlearning_radius)
@@ -284,7 +278,7 @@ def fine_tune(
                 break
     if best_weights is not None:
         model.set_weights(best_weights)
-    for layer in _all_layers(model):
+    for layer in leaf_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = True  # the delivered model trains like the one we were given
     return result

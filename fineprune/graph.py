@@ -168,6 +168,14 @@ def batched(arrays: Sequence[np.ndarray], batch_size: int) -> Iterable[list[np.n
         yield [a[start : start + batch_size] for a in arrays]
 
 
+def leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of `model`, nested models opened up, in the order the models list them."""
+    found: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        found.extend(leaf_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return found
+
+
 def inline_nested_models(model: keras.Model) -> tuple[keras.Model, list[str]]:
     """The same computation with every nested Sequential/Functional model spliced in.
 

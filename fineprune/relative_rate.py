@@ -14,11 +14,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from fineprune.graph import leaf_layers
+
 
 def layer_scales(model: keras.Model) -> dict[str, float]:
     """Variable path -> the RMS of the weight that sets its layer's scale."""
     scales: dict[str, float] = {}
-    for layer in _leaf_layers(model):
+    for layer in leaf_layers(model):
         weights = layer.trainable_weights
         if not weights:
             continue
@@ -47,10 +49,3 @@ class LayerScaledAdam(keras.optimizers.Adam):
     def update_step(self, gradient, variable, learning_rate) -> None:
         scale = self._scale_list[self._get_variable_index(variable)]
         super().update_step(gradient, variable, learning_rate * scale)
-
-
-def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    found = []
-    for layer in model.layers:
-        found.extend(_leaf_layers(layer) if isinstance(layer, keras.Model) else [layer])
-    return found

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fineprune.graph import leaf_layers
+
 AUTOMATIC_SHARE = 0.5
 _GLOBAL_POOLING = (
     keras.layers.GlobalAveragePooling1D,
@@ -35,14 +37,8 @@ def automatic_share(model: keras.Model) -> float:
     3-8 points, since that head must then learn the invariance position by position from
     1,500 images.
     """
-    return AUTOMATIC_SHARE if any(isinstance(x, _GLOBAL_POOLING) for x in _leaves(model)) else 0.0
-
-
-def _leaves(model: keras.Model) -> list[keras.layers.Layer]:
-    found = []
-    for layer in model.layers:
-        found.extend(_leaves(layer) if isinstance(layer, keras.Model) else [layer])
-    return found
+    pools = any(isinstance(layer, _GLOBAL_POOLING) for layer in leaf_layers(model))
+    return AUTOMATIC_SHARE if pools else 0.0
 
 
 class SyntheticTriggers:
