@@ -18,8 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 
 from fineprune.neuron_pruning import NeuronPruningSettings, learn_masks, prune_by_masks
-from study.probe_setup import probe_parser, probe_setup
-from study.tune_defaults import RESULTS
+from study.probe_setup import append_record, probe_parser, probe_setup, pruning_record
 
 
 def main() -> None:
@@ -36,28 +35,10 @@ def main() -> None:
     seconds = time.perf_counter() - started
     result = prune_by_masks(model, groups, masks, validation, settings)
     after = measure()
-    record = {
-        "arch": args.arch,
-        "trigger": args.trigger,
-        "seed": args.seed,
-        "settings": overrides,
-        "test_accuracy_before": before[0],
-        "test_asr_before": before[1],
-        "test_accuracy_after": after[0],
-        "test_asr_after": after[1],
-        "pruned": {layer: len(channels) for layer, channels in result.pruned.items()},
-        "neurons": result.neurons,
-        "candidates": result.candidates,
-        "validation_accuracy": [
-            result.validation_accuracy_before,
-            result.validation_accuracy_after,
-        ],
-        "mask_loss_last": history[-1]["loss"] if history else None,
-        "mask_seconds": round(seconds, 1),
-    }
-    with (RESULTS / "anp-probe.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record), flush=True)
+    record = pruning_record(args, overrides, before, after, result)
+    record["mask_loss_last"] = history[-1]["loss"] if history else None
+    record["mask_seconds"] = round(seconds, 1)
+    append_record("anp-probe.jsonl", record)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ clean accuracy and attack success on the official GTSRB test images.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 
 import keras
@@ -15,8 +16,9 @@ import numpy as np
 
 from fineprune.attacks import triggered
 from fineprune.data import LabelledData
+from fineprune.neuron_pruning import NeuronPruningResult
 from study.gtsrb import Gtsrb, load
-from study.tune_defaults import DEFENDER_IMAGES, TARGET, TRIGGERS, victim
+from study.tune_defaults import DEFENDER_IMAGES, RESULTS, TARGET, TRIGGERS, victim
 
 VALIDATION = 225
 
@@ -66,3 +68,37 @@ def probe_setup(arch: str, trigger: str, seed: int) -> ProbeSetup:
         xt,
         yt,
     )
+
+
+def pruning_record(
+    args: argparse.Namespace,
+    settings: dict,
+    before: tuple[float, float],
+    after: tuple[float, float],
+    result: NeuronPruningResult,
+) -> dict:
+    """The fields every neuron-pruning probe records: the victim, the settings, what changed."""
+    return {
+        "arch": args.arch,
+        "trigger": args.trigger,
+        "seed": args.seed,
+        "settings": settings,
+        "test_accuracy_before": before[0],
+        "test_asr_before": before[1],
+        "test_accuracy_after": after[0],
+        "test_asr_after": after[1],
+        "pruned": {layer: len(channels) for layer, channels in result.pruned.items()},
+        "neurons": result.neurons,
+        "candidates": result.candidates,
+        "validation_accuracy": [
+            result.validation_accuracy_before,
+            result.validation_accuracy_after,
+        ],
+    }
+
+
+def append_record(file_name: str, record: dict) -> None:
+    """One JSON line in docs/experiments/, and on stdout."""
+    with (RESULTS / file_name).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)

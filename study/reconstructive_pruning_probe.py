@@ -24,8 +24,7 @@ from fineprune.finetune import fine_tune
 from fineprune.pipeline import fine_tune_settings
 from fineprune.reconstructive_pruning import ReconstructivePruningSettings, reconstructive_prune
 from schemas.options import SanitizeOptions
-from study.probe_setup import probe_parser, probe_setup
-from study.tune_defaults import RESULTS
+from study.probe_setup import append_record, probe_parser, probe_setup, pruning_record
 
 
 def main() -> None:
@@ -42,26 +41,10 @@ def main() -> None:
     unlearning, result = reconstructive_prune(model, train, validation, loss, settings)
     seconds = time.perf_counter() - started
     after = measure()
-    record = {
-        "arch": args.arch,
-        "trigger": args.trigger,
-        "seed": args.seed,
-        "settings": overrides,
-        "test_accuracy_before": before[0],
-        "test_asr_before": before[1],
-        "test_accuracy_after": after[0],
-        "test_asr_after": after[1],
-        "unlearning_epochs": unlearning.epochs,
-        "unlearned_accuracy": round(unlearning.clean_accuracy, 3),
-        "pruned": {layer: len(channels) for layer, channels in result.pruned.items()},
-        "neurons": result.neurons,
-        "candidates": result.candidates,
-        "validation_accuracy": [
-            result.validation_accuracy_before,
-            result.validation_accuracy_after,
-        ],
-        "seconds": round(seconds, 1),
-    }
+    record = pruning_record(args, overrides, before, after, result)
+    record["unlearning_epochs"] = unlearning.epochs
+    record["unlearned_accuracy"] = round(unlearning.clean_accuracy, 3)
+    record["seconds"] = round(seconds, 1)
     if args.fine_tune:
         tuning = fine_tune_settings(SanitizeOptions(seed=args.seed), model)
         zero = [
@@ -72,9 +55,7 @@ def main() -> None:
         fine_tune(model, train, validation, tuning, "probabilities", zero)
         record["fine_tuned"] = list(measure())
         record["fine_tune_seconds"] = round(time.perf_counter() - started, 1)
-    with (RESULTS / "rnp-probe.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record), flush=True)
+    append_record("rnp-probe.jsonl", record)
 
 
 if __name__ == "__main__":
