@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from pathlib import Path
 
 from jobs.records import ArtifactInfo, FileRecordStore, JobRecord, RecordNotFound, now
@@ -37,14 +38,33 @@ def overall_percent(stage: str, fraction: float) -> float:
     return round(min(100.0, done), 1)
 
 
+class StillRunning(Exception):
+    """Another worker's heartbeat on the job is fresh: this delivery must wait, not run it."""
+
+    def __init__(self, job_id: str, wait: float) -> None:
+        super().__init__(f"job {job_id} is running elsewhere; look again in {wait:.0f} s")
+        self.wait = wait
+
+
+def seconds_since_heartbeat(record: JobRecord, at: datetime | None = None) -> float:
+    """Age of the last sign of life of the job's worker (its start when it never beat)."""
+    last = record.heartbeat_at or record.started_at or record.updated_at
+    return ((at or now()) - last).total_seconds()
+
+
 def begin_attempt(
-    records: FileRecordStore, store: ArtifactStore, job_id: str, max_attempts: int
+    records: FileRecordStore,
+    store: ArtifactStore,
+    job_id: str,
+    max_attempts: int,
+    stale_after: float | None = None,
 ) -> JobRecord | None:
     """Start a delivery of the job; the record when the worker should run it, else None.
 
     A final job is not run again (a redelivered message after success); a job that was
     delivered `max_attempts` times already has killed its worker every time and is failed
-    instead of being retried forever.
+    instead of being retried forever. With `stale_after`, a running job whose worker beat
+    less than that long ago is not started twice: `StillRunning` says when to look again.
     """
     with records.locked(job_id):
         record = records.get(job_id)
@@ -54,6 +74,10 @@ def begin_attempt(
         if record.state.final:
             log.info("job %s is already %s; not running it again", job_id, record.state)
             return None
+        if stale_after is not None and record.state == JobState.running:
+            age = seconds_since_heartbeat(record)
+            if age < stale_after:
+                raise StillRunning(job_id, stale_after - age)
         if records.cancel_requested(job_id):
             _cancel_locked(records, store, record, "cancelled before it ran")
             return None
@@ -64,6 +88,7 @@ def begin_attempt(
 
         def start(r: JobRecord) -> bool:
             r.attempts += 1
+            r.heartbeat_at = now()
             r.error = None
             r.progress = JobProgress(stage=None, percent=0.0)
             r.transition(JobState.running, f"attempt {r.attempts}")
@@ -199,3 +224,34 @@ class ProgressWriter:
             self._records.update(self._job_id, mutate)
         except OSError:
             log.warning("could not write progress of job %s", self._job_id, exc_info=True)
+
+
+class Heartbeat:
+    """Stamps `heartbeat_at` of a running job at most every `interval` seconds.
+
+    The recovery sweep and duplicate deliveries read it: a job whose worker stopped beating
+    is taken for lost and run again, a job that still beats is left alone.
+    """
+
+    def __init__(self, records: FileRecordStore, job_id: str, interval: float) -> None:
+        self._records = records
+        self._job_id = job_id
+        self._interval = interval
+        self._last_beat = time.monotonic()  # begin_attempt stamped the first one
+
+    def __call__(self) -> None:
+        moment = time.monotonic()
+        if moment - self._last_beat < self._interval:
+            return
+        self._last_beat = moment
+
+        def beat(r: JobRecord) -> bool:
+            if r.state != JobState.running:
+                return False
+            r.heartbeat_at = now()
+            return True
+
+        try:
+            self._records.update(self._job_id, beat)
+        except (OSError, RecordNotFound):
+            log.warning("could not write the heartbeat of job %s", self._job_id, exc_info=True)

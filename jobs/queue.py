@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 SANITIZE_TASK = "fineprune.sanitize_job"
 CALLBACK_TASK = "fineprune.deliver_callback"
 PURGE_TASK = "fineprune.purge_expired"
+RECOVER_TASK = "fineprune.recover_lost_jobs"
 
 
 def _state_dir(settings: Settings) -> Path:
@@ -82,6 +83,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule_filename": str(_state_dir(settings) / "celerybeat-schedule"),
         "beat_schedule": {
             "purge-expired": {"task": PURGE_TASK, "schedule": 3600.0},
+            "recover-lost-jobs": {"task": RECOVER_TASK, "schedule": settings.recovery_interval},
         },
     }
 
@@ -117,6 +119,11 @@ def prepare_embedded_broker(app: Celery, queues: list[str], attempts: int = 5) -
             time.sleep(0.05 * attempt)
 
 
+def send_job(app: Celery, job_id: str, queue: str) -> None:
+    """Queue the job; the task id is the job id, so a resend is recognisable."""
+    app.send_task(SANITIZE_TASK, args=[job_id], task_id=job_id, queue=queue)
+
+
 class JobQueue:
     """What the API needs from the broker: send a job, measure the backlog, check it is up."""
 
@@ -129,8 +136,7 @@ class JobQueue:
         prepare_embedded_broker(self.app, [self.settings.cpu_queue, self.settings.gpu_queue])
 
     def send(self, job_id: str, queue: str) -> None:
-        """Queue the job; the task id is the job id, so a resend is recognisable."""
-        self.app.send_task(SANITIZE_TASK, args=[job_id], task_id=job_id, queue=queue)
+        send_job(self.app, job_id, queue)
 
     def depth(self) -> int | None:
         """Messages waiting in the CPU and GPU queues; None when the broker cannot say."""

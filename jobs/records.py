@@ -101,6 +101,13 @@ class JobRecord(BaseModel):
     payload_hash: str
     callback: CallbackStatus | None = None
     cancel_requested_at: datetime | None = None
+    sent_at: datetime | None = Field(None, description="When its message went to the broker.")
+    heartbeat_at: datetime | None = Field(
+        None, description="Last sign of life of the worker running it."
+    )
+    resent_at: datetime | None = Field(
+        None, description="When the recovery sweep last sent it again (its worker was lost)."
+    )
     artifacts_deleted_at: datetime | None = None
     events: list[JobEvent] = []
 

@@ -82,6 +82,25 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         1.0, ge=0.0, description="Least seconds between two progress writes of one job."
     )
+    heartbeat_interval: float = Field(
+        10.0, gt=0.0, description="Seconds between two heartbeats a worker writes for its job."
+    )
+    stale_after: float = Field(
+        120.0,
+        gt=0.0,
+        description="Seconds without a heartbeat after which a running job's worker counts as "
+        "lost: its job is sent again (embedded mode), and a duplicate delivery may take it "
+        "over (any mode). Must be well above heartbeat_interval.",
+    )
+    unsent_after: float = Field(
+        60.0,
+        gt=0.0,
+        description="Seconds after which a queued job whose message was never sent (the API "
+        "stopped in between) is sent by the recovery sweep.",
+    )
+    recovery_interval: float = Field(
+        60.0, gt=0.0, description="Seconds between two recovery sweeps (run by the beat)."
+    )
     job_memory_bytes: int = Field(
         8 * GiB,
         ge=0,
@@ -139,6 +158,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "visibility_timeout must exceed task_time_limit: otherwise Redis redelivers a "
                 "job that is still running"
+            )
+        if self.stale_after < 3 * self.heartbeat_interval:
+            raise ValueError(
+                "stale_after must be at least 3 heartbeat_intervals: otherwise a live job's "
+                "worker could be taken for lost"
             )
         return self
 

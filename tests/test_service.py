@@ -51,6 +51,7 @@ from service_helpers import (
 from jobs import lifecycle
 from jobs.callbacks import verify
 from jobs.records import FileRecordStore, JobRecord, now
+from jobs.recovery import recover_lost_jobs
 from jobs.retention import purge_expired
 from jobs.settings import Settings
 from jobs.storage import LocalArtifactStore
@@ -70,6 +71,8 @@ LIMITS = {
     "visibility_timeout": 70,
     "unacked_restore_interval": 1,
     "progress_interval": 0.2,
+    "heartbeat_interval": 1,
+    "stale_after": 5,
     "max_model_bytes": 1 * MiB,
     "max_data_bytes": 1 * MiB,
 }
@@ -501,6 +504,58 @@ def test_embedded_mode_runs_jobs_without_redis(files: dict[str, Path], tmp_path:
         api.stop()
 
 
+def test_embedded_mode_recovers_a_job_whose_worker_died(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The SQLite broker never gives a taken message back: the records' heartbeat does."""
+    artifacts = tmp_path / "artifacts"
+    env = service_env(artifacts, None, **LIMITS)
+    port = free_port()
+    api = start_api(env, port, tmp_path / "api.log")
+    workers = [start_worker(env, tmp_path / "worker-1.log", "embedded1")]
+    try:
+        wait_api(f"http://127.0.0.1:{port}", api)
+        wait_worker(workers[0])
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
+            response = client.post(
+                "/v1/jobs",
+                files=multipart_files({"model": files["model"], "data": files["clean"]}),
+                data={"options": json.dumps({"epochs": 6, "patience": 6, "seed": 5})},
+            )
+            assert response.status_code == 202, response.text
+            job_id = response.json()["id"]
+            poll_job(client, job_id, _running_a_stage, 60)
+            workers[0].kill_group()  # the machine is gone: main process and pool child at once
+            workers[0].popen.wait(10)
+
+            # Nothing will ever run it again on its own: the broker marked the message taken.
+            wait_until(
+                lambda: lifecycle.seconds_since_heartbeat(_read(artifacts, job_id)) > 5,
+                30,
+                "the dead worker's heartbeat to go stale",
+            )
+            assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "running"
+
+            workers.append(start_worker(env, tmp_path / "worker-2.log", "embedded2"))
+            body = poll_job(client, job_id, final, timeout=220, interval=0.5)
+            assert body["state"] == "succeeded", (body, workers[1].tail())
+            assert body["attempts"] == 2
+        notes = [e.note or "" for e in _read(artifacts, job_id).events]
+        assert any(note.startswith("worker lost (no heartbeat") for note in notes), notes
+    finally:
+        for worker in workers:
+            worker.stop()
+        api.stop()
+
+
+def _running_a_stage(body: dict[str, Any]) -> bool:
+    return body["state"] == "running" and bool(body["progress"]["stage"])
+
+
+def _read(artifacts: Path, job_id: str) -> JobRecord:
+    return JobRecord.model_validate(read_record(artifacts, job_id))
+
+
 # --------------------------------------------------------------------------- in-process units
 
 
@@ -535,6 +590,61 @@ def test_a_job_that_keeps_killing_workers_is_failed(tmp_path: Path) -> None:
     assert lifecycle.begin_attempt(records, store, job.id, max_attempts=9) is None
 
 
+def test_a_live_job_is_not_started_twice_and_a_dead_one_is(tmp_path: Path) -> None:
+    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+    job = _record(records)
+    assert lifecycle.begin_attempt(records, store, job.id, 3, stale_after=60) is not None
+    with pytest.raises(lifecycle.StillRunning) as busy:
+        lifecycle.begin_attempt(records, store, job.id, 3, stale_after=60)
+    assert 0 < busy.value.wait <= 60
+    _age_heartbeat(records, job.id, seconds=61)
+    again = lifecycle.begin_attempt(records, store, job.id, 3, stale_after=60)
+    assert again is not None and again.attempts == 2
+
+
+def _age_heartbeat(records: FileRecordStore, job_id: str, seconds: float) -> None:
+    def age(r: JobRecord) -> bool:
+        r.heartbeat_at = now() - timedelta(seconds=seconds)
+        return True
+
+    records.update(job_id, age)
+
+
+def test_recovery_sends_lost_jobs_once_and_leaves_live_ones(tmp_path: Path) -> None:
+    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+    unsent = _record(records)  # the API stopped between the record and the message
+    sent = _record(records)
+    records.update(sent.id, lambda r: setattr(r, "sent_at", now()) or True)
+    dead, live = _record(records), _record(records)
+    for job in (dead, live):
+        lifecycle.begin_attempt(records, store, job.id, 3)
+    _age_heartbeat(records, dead.id, seconds=300)
+    sends: list[tuple[str, str]] = []
+
+    def sweep(at: datetime, redelivers: bool = False) -> list[str]:
+        found = recover_lost_jobs(
+            records,
+            lambda job_id, queue: sends.append((job_id, queue)),
+            stale_after=120,
+            unsent_after=60,
+            redelivers=redelivers,
+            at=at,
+        )
+        return sorted(r.job_id for r in found)
+
+    assert sweep(now()) == [dead.id]  # the unsent one is young yet
+    assert sweep(now() + timedelta(seconds=61)) == [unsent.id]  # the dead one was just resent
+    assert sends == [(dead.id, "fineprune"), (unsent.id, "fineprune")]
+    unsent_after = records.get(unsent.id)
+    assert unsent_after is not None and unsent_after.sent_at is not None
+    lost = records.get(dead.id)
+    assert lost is not None and lost.state == JobState.running and lost.resent_at is not None
+    assert "no heartbeat from its worker for 300 s" in (lost.events[-1].note or "")
+    # Redis hands a dead worker's job over by itself: only never-sent jobs are the sweep's.
+    assert sweep(now() + timedelta(seconds=400), redelivers=True) == []
+    assert sweep(now() + timedelta(seconds=400)) == sorted([dead.id, live.id])
+
+
 def test_cancel_wins_over_late_worker_writes(tmp_path: Path) -> None:
     records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
     job = _record(records)
@@ -564,6 +674,8 @@ def test_retention_deletes_old_artifacts(tmp_path: Path) -> None:
 def test_settings_refuse_a_visibility_timeout_below_the_time_limit() -> None:
     with pytest.raises(ValueError, match="visibility_timeout"):
         Settings(task_soft_time_limit=10, task_time_limit=20, visibility_timeout=20)
+    with pytest.raises(ValueError, match="stale_after"):
+        Settings(heartbeat_interval=10, stale_after=20)
     settings = Settings(api_keys="a, b,,", redis_url=None)
     assert settings.api_keys == ["a", "b"] and not settings.is_open and settings.embedded
 

@@ -20,12 +20,14 @@ from typing import Any
 import httpx
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import worker_ready
 
 from fineprune.errors import CancelledError, FinePruneError
 from jobs import lifecycle
 from jobs.callbacks import SIGNATURE_HEADER, CallbackRefused, check_url_target, sign
-from jobs.queue import CALLBACK_TASK, PURGE_TASK, SANITIZE_TASK
+from jobs.queue import CALLBACK_TASK, PURGE_TASK, RECOVER_TASK, SANITIZE_TASK, send_job
 from jobs.records import FileRecordStore, JobRecord, now, summary_from_report, to_resource
+from jobs.recovery import recover_lost_jobs
 from jobs.retention import purge_expired
 from jobs.storage import LocalArtifactStore, StorageError
 from workers import isolation
@@ -86,6 +88,13 @@ def _run(record: JobRecord) -> JobRecord | None:
     records, store = _stores()
     job_id = record.id
     isolation.remove_scratch(_work_root(), job_id)  # left by an attempt whose worker died
+    heartbeat = lifecycle.Heartbeat(records, job_id, settings.heartbeat_interval)
+
+    def watch() -> bool:
+        """Polled by the supervisor while the job runs: a heartbeat, and has it been cancelled?"""
+        heartbeat()
+        return records.cancel_requested(job_id)
+
     try:
         with ExitStack() as stack:
             paths = {
@@ -99,7 +108,7 @@ def _run(record: JobRecord) -> JobRecord | None:
                     work_root=_work_root(),
                     limits=isolation.Limits(settings.job_memory_bytes, settings.job_cpu_seconds),
                     progress=lifecycle.ProgressWriter(records, job_id, settings.progress_interval),
-                    should_cancel=lambda: records.cancel_requested(job_id),
+                    should_cancel=watch,
                     label=job_id,
                     test_hook=_test_hook(),
                 )
@@ -133,11 +142,21 @@ def _run(record: JobRecord) -> JobRecord | None:
         return lifecycle.fail(records, job_id, "internal", isolation.one_line(exc))
 
 
-@app.task(bind=True, base=JobTask, name=SANITIZE_TASK)
+@app.task(bind=True, base=JobTask, name=SANITIZE_TASK, max_retries=None)
 def sanitize_job(self: Task, job_id: str) -> str:
-    """Run one job, at most once to completion however often its message is delivered."""
+    """Run one job, at most once to completion however often its message is delivered.
+
+    A delivery that finds the job running under a live heartbeat (a resend, or Redis handing
+    over a job whose worker only just died) looks again when that heartbeat would be stale.
+    """
     records, store = _stores()
-    started = lifecycle.begin_attempt(records, store, job_id, settings.max_attempts)
+    try:
+        started = lifecycle.begin_attempt(
+            records, store, job_id, settings.max_attempts, stale_after=settings.stale_after
+        )
+    except lifecycle.StillRunning as busy:
+        log.info("%s", busy)
+        raise self.retry(countdown=busy.wait + settings.heartbeat_interval) from None
     if started is None:
         final = records.get(job_id)
     else:
@@ -207,3 +226,26 @@ def purge_expired_task() -> int:
     count = purge_expired(records, store, settings.retention_days)
     log.info("retention sweep took %.1f s", time.monotonic() - started)
     return count
+
+
+@app.task(name=RECOVER_TASK)
+def recover_lost_jobs_task() -> int:
+    """Send again the jobs that lost their message; scheduled by the beat, and at worker start."""
+    records, _ = _stores()
+    recovered = recover_lost_jobs(
+        records,
+        lambda job_id, queue: send_job(app, job_id, queue),
+        stale_after=settings.stale_after,
+        unsent_after=settings.unsent_after,
+        redelivers=not settings.embedded,
+    )
+    return len(recovered)
+
+
+@worker_ready.connect
+def _recover_at_start(**_: Any) -> None:
+    """A worker restarted after a crash picks its lost job up without waiting for the beat."""
+    try:
+        recover_lost_jobs_task()
+    except Exception:
+        log.warning("recovery sweep at worker start failed", exc_info=True)

@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from jobs import lifecycle
+from jobs import lifecycle, recovery
 from jobs.callbacks import CallbackRefused, check_url_syntax
 from jobs.checks import InputRejected, check_inputs
 from jobs.records import (
@@ -267,6 +267,7 @@ def _create(
         store.delete_job(job_id)
         lifecycle.fail(records, job_id, "broker_unavailable", f"could not queue the job: {exc}")
         raise ApiError(503, "unavailable", "the job queue is unavailable; try again") from None
+    recovery.mark_sent(records, job_id)  # else the recovery sweep sends it after unsent_after
     return _created(record, 202)
 
 
