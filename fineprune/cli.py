@@ -59,13 +59,25 @@ def _parse_rescale(value: str | None) -> float | None:
         raise typer.BadParameter(f"{value!r} is not a number or fraction like 1/255") from exc
 
 
-def _parse_share(value: str) -> float | str:
+def _parse_number(value: str, example: str) -> float | str:
+    """A number, or 'auto' (the options that adapt to the model)."""
     if value.strip().lower() == "auto":
         return "auto"
     try:
         return float(value)
     except ValueError as exc:
-        raise typer.BadParameter(f"{value!r} is neither a share like 0.5 nor auto") from exc
+        raise typer.BadParameter(f"{value!r} is neither a number like {example} nor auto") from exc
+
+
+def _parse_switch(value: str) -> bool | str:
+    word = value.strip().lower()
+    if word == "auto":
+        return "auto"
+    if word in ("yes", "true", "on", "1"):
+        return True
+    if word in ("no", "false", "off", "0"):
+        return False
+    raise typer.BadParameter(f"{value!r} is none of yes, no, auto")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -130,9 +142,9 @@ def sanitize(
         float, typer.Option(help=_help("validation_fraction"))
     ] = _default("validation_fraction"),
     epochs: Annotated[int, typer.Option(help=_help("epochs"))] = _default("epochs"),
-    learning_rate: Annotated[float, typer.Option(help=_help("learning_rate"))] = _default(
-        "learning_rate"
-    ),
+    learning_rate: Annotated[
+        str, typer.Option(metavar="RATE|auto", help=_help("learning_rate"))
+    ] = str(_default("learning_rate")),
     optimizer: Annotated[str, typer.Option(help=_help("optimizer"))] = _default("optimizer"),
     lr_schedule: Annotated[str, typer.Option(help=_help("lr_schedule"))] = _default("lr_schedule"),
     batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = _default("batch_size"),
@@ -141,6 +153,9 @@ def sanitize(
         str,
         typer.Option(metavar="SHARE|auto", help=_help("synthetic_triggers")),
     ] = str(_default("synthetic_triggers")),
+    freeze_head: Annotated[
+        str, typer.Option(metavar="yes|no|auto", help=_help("freeze_head"))
+    ] = str(_default("freeze_head")),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
@@ -178,12 +193,13 @@ def sanitize(
             holdout_fraction=holdout_fraction,
             validation_fraction=validation_fraction,
             epochs=epochs,
-            learning_rate=learning_rate,
+            learning_rate=_parse_number(learning_rate, "1e-3"),
             optimizer=optimizer,
             lr_schedule=lr_schedule,
             batch_size=batch_size,
             augment=augment,
-            synthetic_triggers=_parse_share(synthetic_triggers),
+            synthetic_triggers=_parse_number(synthetic_triggers, "0.5"),
+            freeze_head=_parse_switch(freeze_head),
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,

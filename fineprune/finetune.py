@@ -63,6 +63,7 @@ class FineTuneSettings:
     distillation: float = 0.0  # FST and unlearning: weight of the delivered model's teaching
     keep_last: bool = False  # run every epoch and keep the last, instead of the validation pick
     synthetic_triggers: float = 0.0  # share of each batch stamped with a random patch or blend
+    frozen_layers: tuple[str, ...] = ()  # kept as delivered: the classifier head, when asked
     relative_rate: bool = False  # Adam only: each layer's rate is the rate times its kernel's RMS
 
     @property
@@ -84,6 +85,8 @@ class FineTuneResult:
     selected_on: str = "validation"
     fallback_reason: str | None = None  # set when this replaced a failed feature-shift run
     synthetic_triggers: float = 0.0  # the share of each batch that was stamped
+    learning_rate: float = 0.0
+    frozen_layers: tuple[str, ...] = ()
 
 
 class _KeepZeroed(keras.callbacks.Callback):
@@ -177,6 +180,15 @@ def _dataset(data: LabelledData, settings: FineTuneSettings, image_like: bool) -
     return ds.prefetch(2)
 
 
+def _freeze(model: keras.Model, names: tuple[str, ...]) -> None:
+    layers = {layer.name: layer for layer in leaf_layers(model)}
+    missing = [name for name in names if name not in layers]
+    if missing:
+        raise ValueError(f"no layer named {', '.join(missing)} to freeze")
+    for name in names:
+        layers[name].trainable = False
+
+
 def _validation_loss(
     model: keras.Model, loss: keras.losses.Loss, data: LabelledData, classes: int
 ) -> tuple[float, float]:
@@ -206,6 +218,7 @@ def fine_tune(
         for layer in leaf_layers(model):
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False  # Keras 3: a frozen BN also runs in inference mode
+    _freeze(model, settings.frozen_layers)
     methods = (settings.feature_shift, settings.sharpness_radius, settings.unlearning_radius)
     if sum(1 for strength in methods if strength) > 1:
         raise ValueError("feature-shift, sharpness-aware and unlearning are separate methods")
@@ -246,6 +259,8 @@ def fine_tune(
         reinitialized_layer=None if head is None else str(head.name),
         selected_on="last" if settings.keep_last else "validation",
         synthetic_triggers=settings.synthetic_triggers if image_like else 0.0,
+        learning_rate=settings.learning_rate,
+        frozen_layers=settings.frozen_layers,
     )
     since_best = 0
     for epoch in range(1, settings.epochs + 1):

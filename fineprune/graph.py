@@ -66,6 +66,20 @@ class ModelGraph:
     def layer_names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
+    def downstream_layers(self, layer_name: str) -> list[str]:
+        """Names of the layers that consume `layer_name`'s output, directly or not, in order.
+
+        The classifier head above a pruned convolution: what fine-tuning may leave as delivered.
+        """
+        reached: set[TensorKey] = {k for n in self.nodes_of(layer_name) for k in n.output_keys()}
+        names: list[str] = []
+        for gnode in self.nodes:  # topological: a node's inputs are settled before it
+            if gnode.name != layer_name and reached.intersection(gnode.input_keys()):
+                reached.update(gnode.output_keys())
+                if gnode.name not in names:
+                    names.append(gnode.name)
+        return names
+
     def run(
         self,
         feed: dict[TensorKey, Any],

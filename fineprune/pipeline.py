@@ -33,10 +33,10 @@ from fineprune.feature_shift import classifier_head
 from fineprune.finetune import FineTuneResult, FineTuneSettings, fine_tune
 from fineprune.graph import ModelGraph, inline_nested_models
 from fineprune.loading import load_untrusted_model, save_model, sha256_file
+from fineprune.recipe import resolve_recipe
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, copy_model, cut
 from fineprune.sweep import ChannelSweeper, masked_predict
-from fineprune.synthetic_triggers import automatic_share
 from schemas.options import SanitizeOptions
 from schemas.report import (
     CurvePoint,
@@ -156,7 +156,10 @@ def sanitize(
     with run.stage("fine-tune") as report_progress:
         tuning = None
         if options.fine_tunes:
-            settings = fine_tune_settings(options, pruned_model)
+            head = (
+                [] if path is None else ModelGraph(pruned_model).downstream_layers(path.layer.name)
+            )
+            settings = fine_tune_settings(options, pruned_model, head)
             # The delivered model teaches; it is trained in place only when nothing was cut.
             teacher = None
             if options.distills:
@@ -406,17 +409,21 @@ def _surgery_report(
     )
 
 
-def fine_tune_settings(options: SanitizeOptions, model: keras.Model) -> FineTuneSettings:
-    """The fine-tuning `options` ask for, `auto` resolved for `model` (the one to be tuned)."""
-    share = options.synthetic_triggers
+def fine_tune_settings(
+    options: SanitizeOptions, model: keras.Model, head: list[str] | None = None
+) -> FineTuneSettings:
+    """The fine-tuning `options` ask for, `auto` resolved for `model` (the one to be tuned);
+    `head`: the layers after the pruned one."""
+    recipe = resolve_recipe(options, model, head or [])
     return FineTuneSettings(
         epochs=options.epochs,
-        learning_rate=options.learning_rate,
+        learning_rate=recipe.learning_rate,
         optimizer=options.optimizer,
         lr_schedule=options.lr_schedule,
         batch_size=options.batch_size,
         augment=options.augment,
-        synthetic_triggers=automatic_share(model) if share == "auto" else share,
+        synthetic_triggers=recipe.synthetic_triggers,
+        frozen_layers=recipe.frozen_layers,
         relative_rate=options.relative_learning_rate,
         patience=options.patience,
         freeze_batchnorm=options.freeze_batchnorm,
@@ -434,7 +441,9 @@ def _tuning_report(tuning) -> FineTuneReport | None:
         return None
     return FineTuneReport(
         method=tuning.method,
+        learning_rate=tuning.learning_rate,
         synthetic_triggers=tuning.synthetic_triggers,
+        frozen_layers=list(tuning.frozen_layers),
         reinitialized_layer=tuning.reinitialized_layer,
         selected_on=tuning.selected_on,
         fallback_reason=tuning.fallback_reason,

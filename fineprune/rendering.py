@@ -628,6 +628,16 @@ def _history_section(report: SanitizeReport) -> str:
         if ft.selected_on == "validation"
         else f"<p>{ft.epochs_run} epochs run; the last one kept (★), as this method does.</p>"
     )
+    settings = [f"learning rate {ft.learning_rate:g}"] if ft.learning_rate else []
+    if ft.synthetic_triggers:
+        share = f"{ft.synthetic_triggers:.0%}"
+        settings.append(f"{share} of each batch stamped with synthetic triggers")
+    if ft.frozen_layers:
+        head = ", ".join(f"<code>{_e(name)}</code>" for name in ft.frozen_layers)
+        settings.append(f"the head after the pruned layer kept as delivered ({head})")
+    if settings:
+        text = "; ".join(settings)
+        intro += f"<p>{text[0].upper()}{text[1:]}.</p>"
     if ft.fallback_reason:
         intro += (
             f"<p><b>Fell back to plain fine-tuning:</b> {_e(ft.fallback_reason)}. The epochs "

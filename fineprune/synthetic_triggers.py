@@ -11,34 +11,8 @@ knowledge of the real trigger, only of the families triggers come from; a trigge
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import tensorflow as tf
-
-from fineprune.graph import leaf_layers
-
-AUTOMATIC_SHARE = 0.5
-_GLOBAL_POOLING = (
-    keras.layers.GlobalAveragePooling1D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalAveragePooling3D,
-    keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.GlobalMaxPooling3D,
-)
-
-
-def automatic_share(model: keras.Model) -> float:
-    """The share `auto` stands for: stamps for models that pool globally, none for the others.
-
-    Measured (README): on the small ResNet, whose head sees globally pooled features, half the
-    batch stamped removed what plain fine-tuning left (39 % -> 3 % on a patch) and raised
-    accuracy; on the seed CNN, whose dense head sees every position separately, the same cost
-    3-8 points, since that head must then learn the invariance position by position from
-    1,500 images.
-    """
-    pools = any(isinstance(layer, _GLOBAL_POOLING) for layer in leaf_layers(model))
-    return AUTOMATIC_SHARE if pools else 0.0
 
 
 class SyntheticTriggers:

@@ -94,7 +94,11 @@ class SanitizeOptions(BaseModel):
         description="Share of the tuning data kept aside to pick the best fine-tuning epoch.",
     )
     epochs: int = Field(10, ge=0, le=1000, description="Fine-tuning epochs (at most).")
-    learning_rate: float = Field(1e-3, gt=0.0, le=1.0, description="Fine-tuning learning rate.")
+    learning_rate: float | Literal["auto"] = Field(
+        "auto",
+        description="Fine-tuning learning rate. 'auto': 1e-3, or 2.5e-3 when the classifier "
+        "head is frozen (freeze_head), since then only the convolutions can unlearn.",
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine",
         description="Learning rate over the epochs: constant, or cosine decay to zero.",
@@ -120,7 +124,15 @@ class SanitizeOptions(BaseModel):
         "(a square of random pixels at a random place, or a random pattern blended in at "
         "5-30 %), labels kept, so the model learns that such patterns say nothing about the "
         "class (image inputs only; 0: off). 'auto': 0.5 for models with a global pooling "
-        "layer, 0 for the others.",
+        "layer or a frozen head (freeze_head), 0 for the others.",
+    )
+    freeze_head: bool | Literal["auto"] = Field(
+        "auto",
+        description="Pruning defenses with plain, SAM or unlearning fine-tuning: keep the "
+        "layers after the pruned one (the classifier head) as delivered, so that fine-tuning "
+        "changes only the convolutions. 'auto': frozen for fine-pruning of a model without a "
+        "global pooling layer, whose dense head sees every position and forgets, retrained "
+        "on a small set, the sign tracks it is not shown; trained otherwise.",
     )
     freeze_batchnorm: bool = Field(
         True,
@@ -178,6 +190,16 @@ class SanitizeOptions(BaseModel):
             raise ValueError(f"prune_fraction makes no sense with defense {self.defense!r}")
         if self.synthetic_triggers != "auto" and not 0.0 <= self.synthetic_triggers <= 1.0:
             raise ValueError("synthetic_triggers must be 'auto' or a share in [0, 1]")
+        if self.learning_rate != "auto" and not 0.0 < self.learning_rate <= 1.0:
+            raise ValueError("learning_rate must be 'auto' or a rate in (0, 1]")
+        if self.freeze_head is True and not (self.prunes and self.defense in TUNING_DEFENSES):
+            raise ValueError(
+                f"freeze_head needs a defense that prunes and fine-tunes, not {self.defense!r}"
+            )
+        if self.freeze_head is True and self.feature_shift:
+            raise ValueError(
+                "freeze_head cannot be used with feature-shift tuning, which retrains the head"
+            )
         if self.relative_learning_rate and self.optimizer != "adam":
             raise ValueError("relative_learning_rate needs optimizer 'adam'")
         return self

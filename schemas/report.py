@@ -102,8 +102,15 @@ class FineTuneReport(_Strict):
         description="Set when feature-shift tuning failed the validation check and this "
         "plain fine-tuning replaced it.",
     )
+    learning_rate: float = Field(
+        0.0, description="The rate fine-tuning started from ('auto' resolved)."
+    )
     synthetic_triggers: float = Field(
         0.0, description="Share of each batch stamped with synthetic triggers ('auto' resolved)."
+    )
+    frozen_layers: list[str] = Field(
+        default_factory=list,
+        description="Layers kept as delivered while fine-tuning (the head, with freeze_head).",
     )
     epochs_run: int
     best_epoch: int = Field(description="The epoch kept (1-based); 0 only when none ran.")

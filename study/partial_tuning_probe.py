@@ -35,7 +35,11 @@ from schemas.options import SanitizeOptions
 from study.gtsrb import load
 from study.tune_defaults import DEFENDER_IMAGES, RESULTS, TARGET, TRIGGERS, victim
 
-PRUNED_LAYER = {"seed_cnn": "conv2d_3", "small_resnet": "head_conv"}
+PRUNED_LAYER = {
+    "seed_cnn": "conv2d_3",
+    "small_resnet": "head_conv",
+    "small_resnet_aug": "head_conv",
+}
 DEFAULT = FineTuneSettings(
     epochs=10,
     learning_rate=1e-3,
@@ -57,6 +61,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "upto-sam": ("upto", {"sharpness_radius": 2.0}),
     "upto-bau-r01": ("upto", {"unlearning_radius": 0.1}),
     "upto-bau-teach": ("upto", {"unlearning_radius": 0.2, "distillation": 1.0}),
+    # Synthetic triggers with the dense head frozen: the convolutions, which see a stamp the
+    # same wherever it lands, learn to ignore it; the head cannot memorise stamp positions.
+    "all-synth50": ("all", {"synthetic_triggers": 0.5}),
+    "upto-synth50": ("upto", {"synthetic_triggers": 0.5}),
+    "upto-synth50-lr2e-3": ("upto", {"synthetic_triggers": 0.5, "learning_rate": 2e-3}),
+    "upto-synth50-lr3e-3": ("upto", {"synthetic_triggers": 0.5, "learning_rate": 3e-3}),
+    "upto-synth50-lr2.5e-3": ("upto", {"synthetic_triggers": 0.5, "learning_rate": 2.5e-3}),
+    "upto-synth75-lr2e-3": ("upto", {"synthetic_triggers": 0.75, "learning_rate": 2e-3}),
+    "upto-lr2e-3": ("upto", {"learning_rate": 2e-3}),
 }
 
 

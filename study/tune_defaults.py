@@ -133,8 +133,19 @@ SCHEDULES.update(
         "relative-0.05": dict(relative_learning_rate=True, learning_rate=0.05),
         "synth50-e20": dict(synthetic_triggers=0.5, epochs=20),
         "fine-tuning-synth50": dict(defense="fine-tuning", synthetic_triggers=0.5),
+        # The misses left by "auto": more stamps, or pruning deeper before the same tuning.
+        "synth75": dict(synthetic_triggers=0.75),
+        "default-drop8": dict(max_accuracy_drop=8.0),
     }
 )
+# Every schedule above ran before `freeze_head` and the `auto` rate existed: pinned to what
+# they meant then (the head trained, 1e-3), so that reruns measure the same thing.
+for _name, _schedule in SCHEDULES.items():
+    if _name != "default":
+        _schedule.setdefault("freeze_head", False)
+        _schedule.setdefault("learning_rate", 1e-3)
+# The default before the head was frozen for models that do not pool globally.
+SCHEDULES["previous-default"] = dict(freeze_head=False, learning_rate=1e-3)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
@@ -169,7 +180,16 @@ def evaluate(model_path: Path, trigger: str) -> tuple[float, float]:
     return clean, asr
 
 
-def run(arch: str, trigger: str, seed: int, schedule: str, epochs: int, out: Path) -> dict:
+def run(
+    arch: str,
+    trigger: str,
+    seed: int,
+    schedule: str,
+    epochs: int,
+    out: Path,
+    defense_seed: int | None = None,
+) -> dict:
+    """One sanitize of one victim; `defense_seed` (default: the victim's) seeds the defense."""
     model_path = victim(arch, trigger, seed, epochs)
     data = load()
     rng = np.random.default_rng(seed)
@@ -180,7 +200,9 @@ def run(arch: str, trigger: str, seed: int, schedule: str, epochs: int, out: Pat
         trig = Path(tmp) / "trigger.npz"
         xt, yt = triggered(data.defender.x[rows], data.defender.y[rows], TRIGGERS[trigger], TARGET)
         np.savez(trig, x=xt, y_target=yt)
-        options = SanitizeOptions(seed=seed, **SCHEDULES[schedule])
+        options = SanitizeOptions(
+            seed=seed if defense_seed is None else defense_seed, **SCHEDULES[schedule]
+        )
         started = time.perf_counter()
         report = sanitize(Inputs(model_path, clean, trigger_path=trig), Path(tmp) / "out", options)
         seconds = time.perf_counter() - started
@@ -191,6 +213,7 @@ def run(arch: str, trigger: str, seed: int, schedule: str, epochs: int, out: Pat
         "trigger": trigger,
         "seed": seed,
         "schedule": schedule,
+        "defense_seed": options.seed,
         "options": SCHEDULES[schedule],
         "pruned": report.decision.pruned,
         "channels": report.surgery.channels_before if report.surgery else 0,
@@ -218,6 +241,9 @@ def main() -> None:
     parser.add_argument("--victims-only", action="store_true", help="Only train the victims.")
     parser.add_argument("--results", help="JSON lines file name under docs/experiments/")
     parser.add_argument("--seed", type=int, help="victims' training seed (default: by phase)")
+    parser.add_argument(
+        "--defense-seeds", help="comma-separated seeds of the defense (default: the victim's)"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / (args.results or f"defaults-{args.phase}.jsonl")
@@ -225,8 +251,10 @@ def main() -> None:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["arch"], r["trigger"], r["seed"], r["schedule"]))
+            key = (r["arch"], r["trigger"], r["seed"], r["schedule"])
+            done.add((*key, r.get("defense_seed", r["seed"])))
     seed = args.seed if args.seed is not None else (0 if args.phase == "tune" else 1)
+    defense_seeds = [int(v) for v in args.defense_seeds.split(",")] if args.defense_seeds else []
     explicit = args.schedules != ",".join(SCHEDULES)
     schedules = args.schedules.split(",") if args.phase == "tune" or explicit else ["default"]
     for arch in args.archs.split(","):
@@ -234,10 +262,11 @@ def main() -> None:
             if args.victims_only:
                 victim(arch, trigger, seed, args.victim_epochs)
                 continue
-            for schedule in schedules:
-                if (arch, trigger, seed, schedule) in done:
-                    continue
-                run(arch, trigger, seed, schedule, args.victim_epochs, out)
+            for defense_seed in defense_seeds or [seed]:
+                for schedule in schedules:
+                    if (arch, trigger, seed, schedule, defense_seed) in done:
+                        continue
+                    run(arch, trigger, seed, schedule, args.victim_epochs, out, defense_seed)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,14 @@ def make_report(
             ),
             attack_success_rate=asr(0.032 if fine_tune else 0.4),
         ),
-        fine_tuning=FineTuneReport(epochs_run=6, best_epoch=5, history=history)
+        fine_tuning=FineTuneReport(
+            epochs_run=6,
+            best_epoch=5,
+            history=history,
+            learning_rate=2.5e-3,
+            synthetic_triggers=0.5,
+            frozen_layers=["dropout", "flatten", f"{layer}_head"],
+        )
         if fine_tune
         else None,
         timings={"load": 1.2, "profile": 3.4, "prune": 12.8, "fine_tune": 64.0, "save": 0.4},
@@ -219,6 +226,8 @@ def test_html_headline_and_numbers(report: SanitizeReport, tmp_path: Path) -> No
     assert 'class="warn"' in page
     assert "tensorflow" in text and "2.21.0" in text
     assert "fine_tune" in text and "64.0 s" in text
+    assert "Learning rate 0.0025; 50% of each batch stamped with synthetic triggers" in text
+    assert "kept as delivered (dropout, flatten, conv2d_3_head)" in text
     # The embedded image is the PNG we rendered, byte for byte.
     match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert match is not None
@@ -245,6 +254,7 @@ def test_html_escapes_untrusted_layer_name(tmp_path: Path) -> None:
     page = render_html(report, png)
     assert "<script" not in page.lower()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;_head" in page  # a frozen layer's name too
     assert "data:image/png;base64," in page
 
 

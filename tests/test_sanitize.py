@@ -16,7 +16,7 @@ from factories import residual_block, save_npz, textures, train_backdoored, trig
 
 from fineprune.finetune import SharpnessAware
 from fineprune.pipeline import Inputs, sanitize
-from fineprune.synthetic_triggers import AUTOMATIC_SHARE
+from fineprune.recipe import AUTOMATIC_RATE, AUTOMATIC_SHARE, FROZEN_HEAD_RATE
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
 
@@ -131,12 +131,18 @@ def test_cli_sanitizes_a_legacy_h5_model_and_prints_json(files, tmp_path: Path):
         files["trigger"],
         "--epochs",
         "3",
+        "--learning-rate",
+        "2e-3",
+        "--freeze-head",
+        "no",
         "--json",
     )
     assert done.returncode == 0, done.stderr
     report = SanitizeReport.model_validate_json(done.stdout)
     assert report.input_model.format == "h5"
     assert report.options.epochs == 3
+    assert report.fine_tuning is not None and report.fine_tuning.learning_rate == 2e-3
+    assert report.options.freeze_head is False and report.fine_tuning.frozen_layers == []
     reloaded = keras.models.load_model(out / "sanitized.keras")
     assert reloaded.count_params() == report.output_model.parameters
 
@@ -169,6 +175,10 @@ def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path)
         (["--data", "{clean}", "--rescale", "1/0"], 2, "1/0"),
         (["--data", "{clean}", "--synthetic-triggers", "lots"], 2, "lots"),
         (["--data", "{clean}", "--synthetic-triggers", "1.5"], 2, "synthetic_triggers"),
+        (["--data", "{clean}", "--learning-rate", "fast"], 2, "fast"),
+        (["--data", "{clean}", "--learning-rate", "0"], 2, "learning_rate"),
+        (["--data", "{clean}", "--freeze-head", "maybe"], 2, "maybe"),
+        (["--data", "{clean}", "--defense", "fst", "--freeze-head", "yes"], 2, "freeze_head"),
     ],
 )
 def test_cli_fails_with_one_clear_line(files, tmp_path: Path, args, code: int, message: str):
@@ -196,6 +206,7 @@ def test_cli_help_explains_every_option():
         "--shift-strength",
         "--distillation",
         "--synthetic-triggers",
+        "--freeze-head",
         "--json",
     ):
         assert option in done.stdout
@@ -267,18 +278,51 @@ def test_synthetic_triggers_change_what_fine_tuning_learns(files, tmp_path: Path
     )
 
 
-def test_auto_synthetic_triggers_follow_the_architecture(files, tmp_path: Path):
+def test_auto_recipe_follows_the_architecture(files, tmp_path: Path):
     pooled = tmp_path / "pooled.keras"
     residual_block().save(pooled)
-    for path, expected in ((pooled, AUTOMATIC_SHARE), (files["keras"], 0.0)):
+    expected = {
+        pooled: (AUTOMATIC_SHARE, AUTOMATIC_RATE, False),
+        files["keras"]: (AUTOMATIC_SHARE, FROZEN_HEAD_RATE, True),
+    }
+    for path, (share, rate, frozen) in expected.items():
         report = sanitize(
-            Inputs(path, files["clean"]),
-            tmp_path / path.stem,
-            SanitizeOptions(synthetic_triggers="auto", epochs=1),
+            Inputs(path, files["clean"]), tmp_path / path.stem, SanitizeOptions(epochs=1)
         )
-        assert report.options.synthetic_triggers == "auto"
+        assert report.options.synthetic_triggers == "auto" == report.options.freeze_head
         assert report.fine_tuning is not None
-        assert report.fine_tuning.synthetic_triggers == expected
+        assert report.fine_tuning.synthetic_triggers == share
+        assert report.fine_tuning.learning_rate == rate
+        assert bool(report.fine_tuning.frozen_layers) == frozen
+
+
+def test_a_frozen_head_leaves_fine_pruning_as_delivered_after_the_cut(files, tmp_path: Path):
+    """The head's weights are the pruned model's, bit for bit; the convolutions moved."""
+    runs = {}
+    for defense in ("pruning", "fine-pruning"):
+        report = sanitize(
+            Inputs(files["keras"], files["clean"]),
+            tmp_path / defense,
+            SanitizeOptions(defense=defense, epochs=2, patience=5),
+        )
+        model = keras.models.load_model(tmp_path / defense / "sanitized.keras", compile=False)
+        runs[defense] = (report, {layer.name: layer.get_weights() for layer in model.layers})
+    tuned_report, tuned = runs["fine-pruning"]
+    _, pruned = runs["pruning"]
+    assert tuned_report.fine_tuning is not None
+    head = tuned_report.fine_tuning.frozen_layers
+    assert head and tuned_report.surgery is not None
+    assert tuned_report.surgery.layer not in head
+    for name in head:
+        for after, before in zip(tuned[name], pruned[name], strict=True):
+            np.testing.assert_array_equal(after, before)
+    moved = [
+        name
+        for name in tuned
+        if name not in head
+        and any(not np.array_equal(a, b) for a, b in zip(tuned[name], pruned[name], strict=True))
+    ]
+    assert tuned_report.surgery.layer in moved
 
 
 def test_plain_defenses_do_not_use_sharpness():

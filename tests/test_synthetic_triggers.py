@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from factories import functional_global_pool, residual_block, sequential_bn_flatten
 
-from fineprune.synthetic_triggers import AUTOMATIC_SHARE, SyntheticTriggers, automatic_share
+from fineprune.synthetic_triggers import SyntheticTriggers
 
 
 def _images(n: int = 400, seed: int = 0) -> np.ndarray:
@@ -53,9 +52,3 @@ def test_the_stamps_change_from_step_to_step_and_are_fixed_by_seed_and_step():
 def test_non_images_are_refused():
     with pytest.raises(ValueError, match="images"):
         SyntheticTriggers(0.5, np.zeros((10, 4), np.float32))
-
-
-def test_auto_stamps_models_that_pool_globally_and_spares_flatten_heads():
-    assert automatic_share(residual_block()) == AUTOMATIC_SHARE > 0
-    assert automatic_share(functional_global_pool()) == AUTOMATIC_SHARE
-    assert automatic_share(sequential_bn_flatten()) == 0.0
