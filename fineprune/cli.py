@@ -69,6 +69,15 @@ def _parse_number(value: str, example: str) -> float | str:
         raise typer.BadParameter(f"{value!r} is neither a number like {example} nor auto") from exc
 
 
+def _parse_count(value: str) -> int | str:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r} is neither a whole number like 10 nor auto") from exc
+
+
 def _parse_switch(value: str) -> bool | str:
     word = value.strip().lower()
     if word == "auto":
@@ -141,7 +150,9 @@ def sanitize(
     validation_fraction: Annotated[
         float, typer.Option(help=_help("validation_fraction"))
     ] = _default("validation_fraction"),
-    epochs: Annotated[int, typer.Option(help=_help("epochs"))] = _default("epochs"),
+    epochs: Annotated[str, typer.Option(metavar="N|auto", help=_help("epochs"))] = str(
+        _default("epochs")
+    ),
     learning_rate: Annotated[
         str, typer.Option(metavar="RATE|auto", help=_help("learning_rate"))
     ] = str(_default("learning_rate")),
@@ -192,7 +203,7 @@ def sanitize(
             rescale=_parse_rescale(rescale),
             holdout_fraction=holdout_fraction,
             validation_fraction=validation_fraction,
-            epochs=epochs,
+            epochs=_parse_count(epochs),
             learning_rate=_parse_number(learning_rate, "1e-3"),
             optimizer=optimizer,
             lr_schedule=lr_schedule,

@@ -178,7 +178,7 @@ def sanitize(
                     kind,
                     zero_masks=result.zeroed_weights,
                     trigger=splits.trigger,
-                    on_epoch=lambda record: report_progress(record["epoch"] / options.epochs),
+                    on_epoch=lambda record: report_progress(record["epoch"] / settings.epochs),
                     should_stop=run.should_cancel,
                     teacher=teacher,
                 )
@@ -416,7 +416,7 @@ def fine_tune_settings(
     `head`: the layers after the pruned one."""
     recipe = resolve_recipe(options, model, head or [])
     return FineTuneSettings(
-        epochs=options.epochs,
+        epochs=recipe.epochs,
         learning_rate=recipe.learning_rate,
         optimizer=options.optimizer,
         lr_schedule=options.lr_schedule,

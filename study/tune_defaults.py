@@ -138,14 +138,16 @@ SCHEDULES.update(
         "default-drop8": dict(max_accuracy_drop=8.0),
     }
 )
-# Every schedule above ran before `freeze_head` and the `auto` rate existed: pinned to what
-# they meant then (the head trained, 1e-3), so that reruns measure the same thing.
+# Every schedule above ran before `freeze_head` and the `auto` rate and epochs existed: pinned
+# to what they meant then (the head trained, 1e-3, 10 epochs), so reruns measure the same.
 for _name, _schedule in SCHEDULES.items():
     if _name != "default":
         _schedule.setdefault("freeze_head", False)
         _schedule.setdefault("learning_rate", 1e-3)
-# The default before the head was frozen for models that do not pool globally.
-SCHEDULES["previous-default"] = dict(freeze_head=False, learning_rate=1e-3)
+        _schedule.setdefault("epochs", 10)
+# The default before the head was frozen for models that do not pool globally (and before
+# twenty epochs for those that do).
+SCHEDULES["previous-default"] = dict(freeze_head=False, learning_rate=1e-3, epochs=10)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
@@ -238,6 +240,7 @@ def main() -> None:
     parser.add_argument("--victim-epochs", type=int, default=10)
     parser.add_argument("--schedules", default=",".join(SCHEDULES))
     parser.add_argument("--archs", default=",".join(ARCHITECTURES))
+    parser.add_argument("--triggers", default=",".join(TRIGGERS))
     parser.add_argument("--victims-only", action="store_true", help="Only train the victims.")
     parser.add_argument("--results", help="JSON lines file name under docs/experiments/")
     parser.add_argument("--seed", type=int, help="victims' training seed (default: by phase)")
@@ -258,7 +261,7 @@ def main() -> None:
     explicit = args.schedules != ",".join(SCHEDULES)
     schedules = args.schedules.split(",") if args.phase == "tune" or explicit else ["default"]
     for arch in args.archs.split(","):
-        for trigger in TRIGGERS:
+        for trigger in args.triggers.split(","):
             if args.victims_only:
                 victim(arch, trigger, seed, args.victim_epochs)
                 continue

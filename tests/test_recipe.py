@@ -7,9 +7,11 @@ from factories import functional_global_pool, residual_block, sequential_bn_flat
 
 from fineprune.graph import ModelGraph
 from fineprune.recipe import (
+    AUTOMATIC_EPOCHS,
     AUTOMATIC_RATE,
     AUTOMATIC_SHARE,
     FROZEN_HEAD_RATE,
+    POOLED_EPOCHS,
     pools_globally,
     resolve_recipe,
 )
@@ -56,6 +58,7 @@ def test_auto_freezes_a_flatten_head_stamps_and_raises_the_rate():
     assert recipe.frozen_layers == tuple(head)
     assert recipe.synthetic_triggers == AUTOMATIC_SHARE
     assert recipe.learning_rate == FROZEN_HEAD_RATE > AUTOMATIC_RATE
+    assert recipe.epochs == AUTOMATIC_EPOCHS
 
 
 def test_auto_trains_a_pooled_head_and_stamps_at_the_usual_rate():
@@ -65,6 +68,7 @@ def test_auto_trains_a_pooled_head_and_stamps_at_the_usual_rate():
         assert recipe.frozen_layers == ()
         assert recipe.synthetic_triggers == AUTOMATIC_SHARE
         assert recipe.learning_rate == AUTOMATIC_RATE
+        assert recipe.epochs == POOLED_EPOCHS > AUTOMATIC_EPOCHS
 
 
 def test_explicit_choices_win_over_auto():
@@ -79,6 +83,9 @@ def test_explicit_choices_win_over_auto():
     )
     assert (chosen.learning_rate, chosen.synthetic_triggers) == (5e-4, 0.2)
     assert chosen.frozen_layers == tuple(head)
+    assert resolve_recipe(SanitizeOptions(epochs=3), residual_block(), ["out"]).epochs == 3
+    other = resolve_recipe(SanitizeOptions(defense="fine-pruning-sam"), residual_block(), ["out"])
+    assert other.epochs == AUTOMATIC_EPOCHS  # only plain fine-pruning was measured at 20
     pooled = resolve_recipe(SanitizeOptions(freeze_head=True), residual_block(), ["gap", "out"])
     assert pooled.frozen_layers == ("gap", "out")
     assert pooled.learning_rate == FROZEN_HEAD_RATE
@@ -108,6 +115,8 @@ def test_defenses_that_do_not_keep_the_head_never_freeze_it():
         ({"defense": "fine-pruning-fst", "freeze_head": True}, "feature-shift"),
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"learning_rate": 2.0}, "learning_rate"),
+        ({"epochs": -1}, "epochs"),
+        ({"epochs": 1001}, "epochs"),
     ],
 )
 def test_options_refuse_a_head_or_rate_the_defense_cannot_use(options: dict, message: str):

@@ -178,6 +178,7 @@ def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path)
         (["--data", "{clean}", "--learning-rate", "fast"], 2, "fast"),
         (["--data", "{clean}", "--learning-rate", "0"], 2, "learning_rate"),
         (["--data", "{clean}", "--freeze-head", "maybe"], 2, "maybe"),
+        (["--data", "{clean}", "--epochs", "many"], 2, "many"),
         (["--data", "{clean}", "--defense", "fst", "--freeze-head", "yes"], 2, "freeze_head"),
     ],
 )
