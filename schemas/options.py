@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Defense = Literal[
     "fine-pruning",
@@ -189,16 +189,33 @@ class SanitizeOptions(BaseModel):
         0, ge=0, le=2**32 - 1, description="Seed for the data split, shuffling and augmentation."
     )
 
+    # Range checks of the options that may also be "auto": field validators, so that an
+    # error names its field (the API's 422 points at options.epochs, not at options).
+    @field_validator("epochs")
+    @classmethod
+    def _epochs_range(cls, value: int | str) -> int | str:
+        if value != "auto" and not 0 <= value <= 1000:
+            raise ValueError("epochs must be 'auto' or a count in [0, 1000]")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _rate_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 < value <= 1.0:
+            raise ValueError("learning_rate must be 'auto' or a rate in (0, 1]")
+        return value
+
+    @field_validator("synthetic_triggers")
+    @classmethod
+    def _share_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 <= value <= 1.0:
+            raise ValueError("synthetic_triggers must be 'auto' or a share in [0, 1]")
+        return value
+
     @model_validator(mode="after")
     def _defense_needs(self) -> SanitizeOptions:
         if not self.prunes and self.prune_fraction not in (None, 0.0):
             raise ValueError(f"prune_fraction makes no sense with defense {self.defense!r}")
-        if self.synthetic_triggers != "auto" and not 0.0 <= self.synthetic_triggers <= 1.0:
-            raise ValueError("synthetic_triggers must be 'auto' or a share in [0, 1]")
-        if self.epochs != "auto" and not 0 <= self.epochs <= 1000:
-            raise ValueError("epochs must be 'auto' or a count in [0, 1000]")
-        if self.learning_rate != "auto" and not 0.0 < self.learning_rate <= 1.0:
-            raise ValueError("learning_rate must be 'auto' or a rate in (0, 1]")
         if self.freeze_head is True and not (self.prunes and self.defense in TUNING_DEFENSES):
             raise ValueError(
                 f"freeze_head needs a defense that prunes and fine-tunes, not {self.defense!r}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from factories import functional_global_pool, residual_block, sequential_bn_flatten
+from pydantic import ValidationError
 
 from fineprune.graph import ModelGraph
 from fineprune.recipe import (
@@ -122,3 +123,12 @@ def test_defenses_that_do_not_keep_the_head_never_freeze_it():
 def test_options_refuse_a_head_or_rate_the_defense_cannot_use(options: dict, message: str):
     with pytest.raises(ValueError, match=message):
         SanitizeOptions(**options)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("epochs", -1), ("learning_rate", 2.0), ("synthetic_triggers", 1.5)]
+)
+def test_an_out_of_range_auto_option_is_blamed_on_its_own_field(field: str, value: float):
+    with pytest.raises(ValidationError) as refused:
+        SanitizeOptions(**{field: value})
+    assert refused.value.errors()[0]["loc"] == (field,)
