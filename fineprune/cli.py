@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated
@@ -59,23 +60,14 @@ def _parse_rescale(value: str | None) -> float | None:
         raise typer.BadParameter(f"{value!r} is not a number or fraction like 1/255") from exc
 
 
-def _parse_number(value: str, example: str) -> float | str:
-    """A number, or 'auto' (the options that adapt to the model)."""
+def _parse_auto(value: str, convert: Callable[[str], float], example: str) -> float | str:
+    """A number (`convert` parses it), or 'auto' (the options that adapt to the model)."""
     if value.strip().lower() == "auto":
         return "auto"
     try:
-        return float(value)
+        return convert(value)
     except ValueError as exc:
         raise typer.BadParameter(f"{value!r} is neither a number like {example} nor auto") from exc
-
-
-def _parse_count(value: str) -> int | str:
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{value!r} is neither a whole number like 10 nor auto") from exc
 
 
 def _parse_switch(value: str) -> bool | str:
@@ -203,13 +195,13 @@ def sanitize(
             rescale=_parse_rescale(rescale),
             holdout_fraction=holdout_fraction,
             validation_fraction=validation_fraction,
-            epochs=_parse_count(epochs),
-            learning_rate=_parse_number(learning_rate, "1e-3"),
+            epochs=_parse_auto(epochs, int, "10"),
+            learning_rate=_parse_auto(learning_rate, float, "1e-3"),
             optimizer=optimizer,
             lr_schedule=lr_schedule,
             batch_size=batch_size,
             augment=augment,
-            synthetic_triggers=_parse_number(synthetic_triggers, "0.5"),
+            synthetic_triggers=_parse_auto(synthetic_triggers, float, "0.5"),
             freeze_head=_parse_switch(freeze_head),
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
