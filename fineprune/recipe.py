@@ -57,9 +57,10 @@ def resolve_recipe(options: SanitizeOptions, model: keras.Model, head: list[str]
     accuracy (100 % -> 50-81 %), so the other defenses keep their head and rate unless asked.
     """
     pools = pools_globally(model)
+    plain_fine_pruning = options.defense == "fine-pruning"
     freeze = options.freeze_head
     if freeze == "auto":
-        freeze = bool(head) and not pools and options.defense == "fine-pruning"
+        freeze = bool(head) and not pools and plain_fine_pruning
     frozen = tuple(head) if freeze else ()
     share = options.synthetic_triggers
     if share == "auto":
@@ -69,6 +70,5 @@ def resolve_recipe(options: SanitizeOptions, model: keras.Model, head: list[str]
         rate = FROZEN_HEAD_RATE if frozen else AUTOMATIC_RATE
     epochs = options.epochs
     if epochs == "auto":
-        pooled_fine_pruning = pools and options.defense == "fine-pruning"
-        epochs = POOLED_EPOCHS if pooled_fine_pruning else AUTOMATIC_EPOCHS
+        epochs = POOLED_EPOCHS if pools and plain_fine_pruning else AUTOMATIC_EPOCHS
     return Recipe(epochs=epochs, learning_rate=rate, synthetic_triggers=share, frozen_layers=frozen)
