@@ -159,6 +159,9 @@ def sanitize(
     freeze_head: Annotated[
         str, typer.Option(metavar="yes|no|auto", help=_help("freeze_head"))
     ] = str(_default("freeze_head")),
+    proxy_triggers: Annotated[
+        float, typer.Option(metavar="SHARE", help=_help("proxy_triggers"))
+    ] = _default("proxy_triggers"),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
@@ -203,6 +206,7 @@ def sanitize(
             augment=augment,
             synthetic_triggers=_parse_auto(synthetic_triggers, float, "0.5"),
             freeze_head=_parse_switch(freeze_head),
+            proxy_triggers=proxy_triggers,
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,

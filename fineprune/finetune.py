@@ -39,6 +39,7 @@ from fineprune.graph import leaf_layers
 from fineprune.relative_rate import LayerScaledAdam, layer_scales
 from fineprune.sweep import predicted_classes
 from fineprune.synthetic_triggers import SyntheticTriggers
+from fineprune.trigger_scan import ScanResult
 from fineprune.unlearning import AdversarialUnlearning, perturbation_radius
 from fineprune.wrapped import TrainingWrapper
 
@@ -65,6 +66,8 @@ class FineTuneSettings:
     synthetic_triggers: float = 0.0  # share of each batch stamped with a random patch or blend
     frozen_layers: tuple[str, ...] = ()  # kept as delivered: the classifier head, when asked
     relative_rate: bool = False  # Adam only: each layer's rate is the rate times its kernel's RMS
+    proxy_trigger: np.ndarray | None = None  # a scan's perturbation (fineprune.trigger_scan)
+    proxy_share: float = 0.0  # share of each batch shifted by it, true labels kept
 
     @property
     def method(self) -> str:
@@ -87,6 +90,8 @@ class FineTuneResult:
     synthetic_triggers: float = 0.0  # the share of each batch that was stamped
     learning_rate: float = 0.0
     frozen_layers: tuple[str, ...] = ()
+    trigger_scan: ScanResult | None = None  # set by the pipeline when it scanned
+    proxy_share: float = 0.0  # the share of each batch shifted by the scan's perturbation
 
 
 class _KeepZeroed(keras.callbacks.Callback):
@@ -177,7 +182,28 @@ def _dataset(data: LabelledData, settings: FineTuneSettings, image_like: bool) -
     if settings.synthetic_triggers and image_like:
         stamp = SyntheticTriggers(settings.synthetic_triggers, data.x, settings.seed)
         ds = ds.enumerate().map(lambda step, xy: (stamp(xy[0], step), xy[1]))
+    if settings.proxy_trigger is not None and settings.proxy_share:
+        shift = _proxy_shift(settings.proxy_trigger, settings.proxy_share, data.x, settings.seed)
+        ds = ds.enumerate().map(lambda step, xy: (shift(xy[0], step), xy[1]))
     return ds.prefetch(2)
+
+
+def _proxy_shift(
+    delta: np.ndarray, share: float, reference: np.ndarray, seed: int
+) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """Adds `delta` to `share` of a batch's rows, kept in the inputs' range."""
+    low, high = float(np.min(reference)), float(np.max(reference))
+    pattern = tf.constant(delta[None], tf.float32)
+
+    def shift(x: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+        pick = tf.random.stateless_uniform(
+            tf.concat([tf.shape(x)[:1], tf.ones([delta.ndim], tf.int32)], 0),
+            tf.stack([tf.constant(seed * 100 + 77, tf.int64), step]),
+        )
+        shifted = tf.clip_by_value(x + tf.cast(pattern, x.dtype), low, high)
+        return tf.where(pick < share, shifted, x)
+
+    return shift
 
 
 def _freeze(model: keras.Model, names: tuple[str, ...]) -> None:
@@ -261,6 +287,7 @@ def fine_tune(
         synthetic_triggers=settings.synthetic_triggers if image_like else 0.0,
         learning_rate=settings.learning_rate,
         frozen_layers=settings.frozen_layers,
+        proxy_share=settings.proxy_share if settings.proxy_trigger is not None else 0.0,
     )
     since_best = 0
     for epoch in range(1, settings.epochs + 1):

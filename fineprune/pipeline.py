@@ -37,6 +37,7 @@ from fineprune.recipe import resolve_recipe
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, copy_model, cut
 from fineprune.sweep import ChannelSweeper, masked_predict
+from fineprune.trigger_scan import ScanResult, scan
 from schemas.options import SanitizeOptions
 from schemas.report import (
     CurvePoint,
@@ -50,6 +51,7 @@ from schemas.report import (
     SplitSizes,
     StageMetrics,
     SurgeryReport,
+    TriggerScan,
 )
 
 STAGES = ("load", "profile", "cut", "fine-tune", "report")
@@ -160,6 +162,21 @@ def sanitize(
                 [] if path is None else ModelGraph(pruned_model).downstream_layers(path.layer.name)
             )
             settings = fine_tune_settings(options, pruned_model, head)
+            scanned = None
+            if options.proxy_triggers:
+                # On the delivered model, where a backdoor is whole and stands out most.
+                scanned = scan(model, splits.train.x, splits.train.y, options.seed)
+                if scanned.suspect is None:
+                    warnings.append(
+                        "the trigger scan found no class that stands out; fine-tuned without "
+                        "a proxy trigger"
+                    )
+                else:
+                    settings = replace(
+                        settings,
+                        proxy_trigger=scanned.perturbation,
+                        proxy_share=options.proxy_triggers,
+                    )
             # The delivered model teaches; it is trained in place only when nothing was cut.
             teacher = None
             if options.distills:
@@ -198,6 +215,7 @@ def sanitize(
                     replace(settings, feature_shift=0.0, distillation=0.0, keep_last=False),
                 )
                 tuning.fallback_reason = reason
+            tuning.trigger_scan = scanned
         final_metrics = pruned_metrics if tuning is None else _metrics(pruned_model, splits)
 
     with run.stage("report"):
@@ -444,12 +462,25 @@ def _tuning_report(tuning) -> FineTuneReport | None:
         learning_rate=tuning.learning_rate,
         synthetic_triggers=tuning.synthetic_triggers,
         frozen_layers=list(tuning.frozen_layers),
+        trigger_scan=_scan_report(tuning.trigger_scan, tuning.proxy_share),
         reinitialized_layer=tuning.reinitialized_layer,
         selected_on=tuning.selected_on,
         fallback_reason=tuning.fallback_reason,
         epochs_run=len(tuning.history),
         best_epoch=tuning.best_epoch,
         history=[EpochRecord(**r) for r in tuning.history],
+    )
+
+
+def _scan_report(found: ScanResult | None, share: float) -> TriggerScan | None:
+    if found is None:
+        return None
+    return TriggerScan(
+        radius=found.radius,
+        success=list(found.success),
+        anomaly=list(found.anomaly),
+        suspect=found.suspect,
+        share=share,
     )
 
 

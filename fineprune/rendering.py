@@ -21,7 +21,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 from numpy.typing import ArrayLike
 
-from schemas.report import FineTuneReport, Measurement, SanitizeReport, StageMetrics
+from schemas.report import (
+    FineTuneReport,
+    Measurement,
+    SanitizeReport,
+    StageMetrics,
+    TriggerScan,
+)
 
 __all__ = ["render_curve_png", "render_html", "write_report_files"]
 
@@ -589,6 +595,20 @@ def _mono(text: str) -> str:
     return f'<span class="mono">{_e(text)}</span>'
 
 
+def _scan_sentence(found: TriggerScan) -> str:
+    if found.suspect is None:
+        return (
+            f"the trigger scan (radius {found.radius:g}) found no class that stands out "
+            f"(largest anomaly {max(found.anomaly):.1f}), so no batch was shifted"
+        )
+    reach = found.success[found.suspect]
+    return (
+        f"the trigger scan flagged class {found.suspect} (reached from {reach:.0%} of other "
+        f"images at radius {found.radius:g}, anomaly {found.anomaly[found.suspect]:.1f}); "
+        f"{found.share:.0%} of each batch shifted by its perturbation, labels kept"
+    )
+
+
 def _history_section(report: SanitizeReport) -> str:
     """Per-epoch numbers show whether the kept epoch was a fluke or a plateau."""
     ft = report.fine_tuning
@@ -632,6 +652,8 @@ def _history_section(report: SanitizeReport) -> str:
     if ft.synthetic_triggers:
         share = f"{ft.synthetic_triggers:.0%}"
         settings.append(f"{share} of each batch stamped with synthetic triggers")
+    if ft.trigger_scan is not None:
+        settings.append(_scan_sentence(ft.trigger_scan))
     if ft.frozen_layers:
         head = ", ".join(f"<code>{_e(name)}</code>" for name in ft.frozen_layers)
         settings.append(f"the head after the pruned layer kept as delivered ({head})")

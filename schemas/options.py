@@ -131,6 +131,16 @@ class SanitizeOptions(BaseModel):
         "class (image inputs only; 0: off). 'auto': 0.5 for models with a global pooling "
         "layer or a frozen head (freeze_head), 0 for the others.",
     )
+    proxy_triggers: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fine-tuning defenses: scan the delivered model, without the trigger, for "
+        "a class that an unusually small universal perturbation reaches (Neural Cleanse's "
+        "test) and shift this share of each batch by that perturbation, true labels kept, so "
+        "the shortcut it rides on is unlearned (0: no scan). The report gives the scan either "
+        "way it ends; when no class stands out nothing is shifted.",
+    )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
         description="Pruning defenses with plain, SAM or unlearning fine-tuning: keep the "
@@ -223,6 +233,10 @@ class SanitizeOptions(BaseModel):
         if self.freeze_head is True and self.feature_shift:
             raise ValueError(
                 "freeze_head cannot be used with feature-shift tuning, which retrains the head"
+            )
+        if self.proxy_triggers and self.defense not in TUNING_DEFENSES:
+            raise ValueError(
+                f"proxy_triggers needs a defense that fine-tunes, not {self.defense!r}"
             )
         if self.relative_learning_rate and self.optimizer != "adam":
             raise ValueError("relative_learning_rate needs optimizer 'adam'")

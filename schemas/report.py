@@ -92,6 +92,20 @@ class EpochRecord(_Strict):
     )
 
 
+class TriggerScan(_Strict):
+    """What the trigger-free scan of the delivered model found (proxy_triggers)."""
+
+    radius: float = Field(description="Perturbation radius, relative to the images' L2 norm.")
+    success: list[float] = Field(
+        description="Per class: share of the other classes' images one perturbation sends there."
+    )
+    anomaly: list[float] = Field(description="Per class: robust z-score of its success.")
+    suspect: int | None = Field(
+        None, description="The class that stands out (anomaly above 2), if one does."
+    )
+    share: float = Field(description="Share of each batch shifted by the suspect's perturbation.")
+
+
 class FineTuneReport(_Strict):
     method: Literal["plain", "sharpness-aware", "feature-shift", "adversarial-unlearning"] = "plain"
     reinitialized_layer: str | None = Field(
@@ -112,6 +126,7 @@ class FineTuneReport(_Strict):
         default_factory=list,
         description="Layers kept as delivered while fine-tuning (the head, with freeze_head).",
     )
+    trigger_scan: TriggerScan | None = None
     epochs_run: int
     best_epoch: int = Field(description="The epoch kept (1-based); 0 only when none ran.")
     history: list[EpochRecord]

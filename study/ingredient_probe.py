@@ -32,7 +32,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from fineprune.attacks import triggered
 from fineprune.data import LabelledData, stratified_split
@@ -41,13 +40,11 @@ from fineprune.finetune import fine_tune
 from fineprune.graph import ModelGraph
 from fineprune.pipeline import Inputs, fine_tune_settings, sanitize
 from fineprune.surgery import copy_model
+from fineprune.trigger_scan import scan, universal_perturbation
 from fineprune.unlearning import perturbation_radius
 from schemas.options import SanitizeOptions
 from study.gtsrb import load
 from study.tune_defaults import ARCHITECTURES, DEFENDER_IMAGES, RESULTS, TARGET, TRIGGERS, victim
-
-SCAN_IMAGES = 128
-SCAN_STEPS = 20
 
 
 def soup(models: list[keras.Model]) -> keras.Model:
@@ -62,28 +59,10 @@ def universal_success(
     model: keras.Model, x: np.ndarray, y: np.ndarray, radius: float
 ) -> list[float]:
     """Per class: the share of the other classes' images one perturbation sends there."""
-    successes = []
-    loss = keras.losses.SparseCategoricalCrossentropy()
-    step = 2.5 * radius / SCAN_STEPS
-
-    @tf.function(reduce_retracing=True)
-    def descend(delta: tf.Tensor, others: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            tape.watch(delta)
-            value = loss(labels, model(others + delta, training=False))
-        grad = tape.gradient(value, delta)
-        delta = delta - step * grad / (tf.norm(grad) + 1e-12)
-        return delta * tf.minimum(1.0, radius / (tf.norm(delta) + 1e-12))
-
-    for target in range(int(model.outputs[0].shape[-1])):
-        others = tf.constant(x[y != target][:SCAN_IMAGES])
-        labels = tf.fill([len(others)], target)
-        delta = tf.zeros_like(others[:1])
-        for _ in range(SCAN_STEPS):
-            delta = descend(delta, others, labels)
-        hits = np.argmax(model(others + delta, training=False), -1) == target
-        successes.append(round(100 * float(hits.mean()), 1))
-    return successes
+    return [
+        round(100 * universal_perturbation(model, x[y != c][:128], c, radius, steps=20)[1], 1)
+        for c in range(int(model.outputs[0].shape[-1]))
+    ]
 
 
 def main() -> None:
@@ -95,6 +74,13 @@ def main() -> None:
     parser.add_argument("--ingredients", type=int, default=4)
     parser.add_argument("--scan", action="store_true", help="scan every ingredient")
     parser.add_argument("--radius", type=float, default=0.1, help="scan's, relative")
+    parser.add_argument(
+        "--proxy-share",
+        type=float,
+        default=0.0,
+        help="shift this share of each batch by the delivered model's scanned proxy trigger",
+    )
+    parser.add_argument("--first-seed", type=int, default=0, help="index of the first ingredient")
     parser.add_argument("--results", default="ingredient-probe.jsonl")
     args = parser.parse_args()
     seed = args.seed if args.defense_seed is None else args.defense_seed
@@ -120,6 +106,12 @@ def main() -> None:
     train, validation = tune.take(train_rows), tune.take(val_rows)
     head = ModelGraph(pruned).downstream_layers(report.surgery.layer)
     settings = fine_tune_settings(options, pruned, head)
+    proxy = None
+    if args.proxy_share:
+        started = time.perf_counter()
+        proxy = scan(keras.models.load_model(model_path, compile=False), train.x, train.y, seed)
+        settings = replace(settings, proxy_trigger=proxy.perturbation, proxy_share=args.proxy_share)
+        print(f"scan {time.perf_counter() - started:.0f} s: {proxy}"[:400], flush=True)
     kind = output_kind(predict(pruned, validation.x[:256]))
 
     def measure(model: keras.Model) -> tuple[float, float]:
@@ -149,9 +141,17 @@ def main() -> None:
         },
         "ingredients": [],
     }
+    if proxy is not None:
+        record["proxy"] = {
+            "share": args.proxy_share,
+            "radius": proxy.radius,
+            "success": proxy.success,
+            "anomaly": proxy.anomaly,
+            "suspect": proxy.suspect,
+        }
     tuned: list[keras.Model] = []
     started = time.perf_counter()
-    for i in range(args.ingredients):
+    for i in range(args.first_seed, args.first_seed + args.ingredients):
         keras.utils.set_random_seed(seed + 1000 * i)
         model = copy_model(pruned)
         result = fine_tune(model, train, validation, replace(settings, seed=seed + 1000 * i), kind)
@@ -167,7 +167,7 @@ def main() -> None:
         tuned.append(model)
         print(json.dumps(record["ingredients"][-1]), flush=True)
     record["seconds"] = round(time.perf_counter() - started)
-    for k in range(2, args.ingredients + 1):
+    for k in range(2, len(tuned) + 1):
         record[f"soup{k}"] = measure(soup(tuned[:k]))
     with (RESULTS / args.results).open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -1,0 +1,141 @@
+"""The trigger-free scan: it names a backdoor's class, and its proxy is unlearned in fine-tuning."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from factories import (
+    save_npz,
+    sequential_bn_flatten,
+    textures,
+    train_backdoored,
+    trigger_set,
+)
+from pydantic import ValidationError
+
+from fineprune.data import LabelledData
+from fineprune.finetune import FineTuneSettings, _dataset
+from fineprune.pipeline import Inputs, sanitize
+from fineprune.trigger_scan import ANOMALY_THRESHOLD, scan, universal_perturbation
+from fineprune.unlearning import perturbation_radius
+from schemas.options import SanitizeOptions
+
+
+@pytest.fixture(scope="module")
+def backdoored() -> keras.Model:
+    return train_backdoored(seed=2)
+
+
+@pytest.fixture(scope="module")
+def clean_model() -> keras.Model:
+    model = sequential_bn_flatten(seed=2)
+    x, y = textures(3000, seed=2)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=12, batch_size=64, verbose=0)
+    return model
+
+
+def test_the_scan_names_the_backdoors_class_and_keeps_its_perturbation(backdoored):
+    x, y = textures(600, seed=31)
+    found = scan(backdoored, x, y, seed=0)
+    assert found.suspect == 0  # the factories' backdoor target
+    assert found.anomaly[0] > ANOMALY_THRESHOLD
+    assert found.success[0] == max(found.success)
+    delta = found.perturbation
+    assert delta is not None and delta.shape == x.shape[1:]
+    radius = perturbation_radius(x, found.radius)
+    assert np.linalg.norm(delta) <= radius * (1 + 1e-4)
+    others = x[y != 0]
+    sent = backdoored.predict(others + delta, verbose=0).argmax(-1)
+    untouched = backdoored.predict(others, verbose=0).argmax(-1)
+    assert (sent == 0).mean() > (untouched == 0).mean() + 0.3
+
+
+def test_a_clean_model_has_no_suspect(clean_model):
+    x, y = textures(600, seed=32)
+    found = scan(clean_model, x, y, seed=0)
+    assert found.suspect is None and found.perturbation is None
+    assert max(found.anomaly) <= ANOMALY_THRESHOLD
+
+
+def test_a_universal_perturbation_stays_in_its_ball_and_reports_what_it_reaches(backdoored):
+    x, y = textures(200, seed=33)
+    others = x[y != 0]
+    delta, reached = universal_perturbation(backdoored, others, 0, radius=0.5)
+    assert np.linalg.norm(delta) <= 0.5 * (1 + 1e-4)
+    predicted = backdoored.predict(others + delta, verbose=0).argmax(-1)
+    assert reached == pytest.approx((predicted == 0).mean())
+
+
+def test_fine_tuning_shifts_the_asked_share_of_each_batch_by_the_proxy():
+    x, y = textures(512, seed=34)
+    delta = np.full(x.shape[1:], 0.05, np.float32)
+    settings = FineTuneSettings(
+        epochs=1,
+        learning_rate=1e-3,
+        optimizer="adam",
+        lr_schedule="constant",
+        batch_size=512,
+        augment=False,
+        patience=1,
+        freeze_batchnorm=True,
+        seed=0,
+    )
+    shuffled = next(iter(_dataset(LabelledData(x, y), settings, image_like=True)))[0].numpy()
+    shifted = next(
+        iter(
+            _dataset(
+                LabelledData(x, y),
+                replace(settings, proxy_trigger=delta, proxy_share=0.25),
+                image_like=True,
+            )
+        )
+    )[0].numpy()
+    changed = np.any(shifted != shuffled, axis=(1, 2, 3))
+    assert 0.15 < changed.mean() < 0.35  # a quarter, drawn per row
+    expected = np.clip(shuffled[changed] + delta, 0.0, 1.0)
+    np.testing.assert_allclose(shifted[changed], expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, backdoored) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scan")
+    backdoored.save(root / "model.keras")
+    x, y = textures(600, seed=35)
+    xt, yt = trigger_set(300, seed=36)
+    return {
+        "keras": root / "model.keras",
+        "clean": save_npz(root / "clean.npz", x=x, y=y),
+        "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
+    }
+
+
+def test_sanitize_scans_shifts_and_reports_the_scan(files, tmp_path: Path):
+    out = tmp_path / "out"
+    report = sanitize(
+        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        out,
+        SanitizeOptions(epochs=2, proxy_triggers=0.25),
+    )
+    tuning = report.fine_tuning
+    assert tuning is not None and tuning.trigger_scan is not None
+    assert tuning.trigger_scan.suspect == 0 and tuning.trigger_scan.share == 0.25
+    assert len(tuning.trigger_scan.success) == 4
+    html = (out / "report.html").read_text()
+    assert "trigger scan flagged class 0" in html
+    untouched = sanitize(
+        Inputs(files["keras"], files["clean"]), tmp_path / "plain", SanitizeOptions(epochs=1)
+    )
+    assert untouched.fine_tuning is not None and untouched.fine_tuning.trigger_scan is None
+
+
+def test_the_proxy_needs_a_defense_that_fine_tunes():
+    with pytest.raises(ValidationError, match="proxy_triggers needs a defense that fine-tunes"):
+        SanitizeOptions(defense="pruning", proxy_triggers=0.25)
+    with pytest.raises(ValidationError):
+        SanitizeOptions(proxy_triggers=1.5)
+    assert SanitizeOptions(defense="fine-tuning", proxy_triggers=0.1).proxy_triggers == 0.1
