@@ -481,6 +481,7 @@ def _scan_report(found: ScanResult | None, share: float) -> TriggerScan | None:
         anomaly=list(found.anomaly),
         suspect=found.suspect,
         share=share,
+        seconds=found.seconds,
     )
 
 

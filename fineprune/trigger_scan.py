@@ -17,6 +17,7 @@ unlearns the shortcut it rides on (Neural Cleanse's unlearning).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import keras
@@ -44,6 +45,7 @@ class ScanResult:
     anomaly: tuple[float, ...]  # per class: robust z-score of its success
     suspect: int | None  # the class that stands out, if one does
     perturbation: np.ndarray | None  # the suspect's universal perturbation (input-shaped)
+    seconds: float = 0.0  # what the scan cost
 
 
 class _Descent:
@@ -106,6 +108,7 @@ def scan(
     steps: int = SCAN_STEPS,
 ) -> ScanResult:
     """Score every class; name the suspect and keep its perturbation (see the module doc)."""
+    started = time.perf_counter()
     classes = int(model.outputs[0].shape[-1])
     from_logits = output_kind(predict(model, x[:256])) == "logits"
     rng = np.random.default_rng(seed)
@@ -142,6 +145,7 @@ def scan(
         anomaly=tuple(round(float(a), 2) for a in anomaly),
         suspect=suspect,
         perturbation=proxy,
+        seconds=round(time.perf_counter() - started, 2),
     )
 
 

@@ -104,6 +104,7 @@ class TriggerScan(_Strict):
         None, description="The class that stands out (anomaly above 2), if one does."
     )
     share: float = Field(description="Share of each batch shifted by the suspect's perturbation.")
+    seconds: float = Field(0.0, description="What the scan took.")
 
 
 class FineTuneReport(_Strict):

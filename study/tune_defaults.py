@@ -237,6 +237,8 @@ def run(
         "best_epoch": report.fine_tuning.best_epoch if report.fine_tuning else 0,
         "seconds": round(seconds, 1),
     }
+    if report.fine_tuning and report.fine_tuning.trigger_scan:
+        record["scan"] = report.fine_tuning.trigger_scan.model_dump()
     with out.open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
