@@ -160,8 +160,8 @@ def sanitize(
         str, typer.Option(metavar="yes|no|auto", help=_help("freeze_head"))
     ] = str(_default("freeze_head")),
     proxy_triggers: Annotated[
-        float, typer.Option(metavar="SHARE", help=_help("proxy_triggers"))
-    ] = _default("proxy_triggers"),
+        str, typer.Option(metavar="SHARE|auto", help=_help("proxy_triggers"))
+    ] = str(_default("proxy_triggers")),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
@@ -206,7 +206,7 @@ def sanitize(
             augment=augment,
             synthetic_triggers=_parse_auto(synthetic_triggers, float, "0.5"),
             freeze_head=_parse_switch(freeze_head),
-            proxy_triggers=proxy_triggers,
+            proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
             patience=patience,
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,

@@ -163,19 +163,14 @@ def sanitize(
             )
             settings = fine_tune_settings(options, pruned_model, head)
             scanned = None
-            if options.proxy_triggers:
+            if settings.proxy_share:
                 # On the delivered model, where a backdoor is whole and stands out most.
                 scanned = scan(model, splits.train.x, splits.train.y, options.seed)
+                settings = replace(settings, proxy_trigger=scanned.perturbation)
                 if scanned.suspect is None:
                     warnings.append(
                         "the trigger scan found no class that stands out; fine-tuned without "
                         "a proxy trigger"
-                    )
-                else:
-                    settings = replace(
-                        settings,
-                        proxy_trigger=scanned.perturbation,
-                        proxy_share=options.proxy_triggers,
                     )
             # The delivered model teaches; it is trained in place only when nothing was cut.
             teacher = None
@@ -442,6 +437,7 @@ def fine_tune_settings(
         augment=options.augment,
         synthetic_triggers=recipe.synthetic_triggers,
         frozen_layers=recipe.frozen_layers,
+        proxy_share=recipe.proxy_triggers,
         relative_rate=options.relative_learning_rate,
         patience=options.patience,
         freeze_batchnorm=options.freeze_batchnorm,

@@ -24,6 +24,7 @@ POOLED_EPOCHS = 20
 AUTOMATIC_RATE = 1e-3
 FROZEN_HEAD_RATE = 2.5e-3
 AUTOMATIC_SHARE = 0.5
+PROXY_SHARE = 0.25
 _GLOBAL_POOLING = (
     keras.layers.GlobalAveragePooling1D,
     keras.layers.GlobalAveragePooling2D,
@@ -46,6 +47,7 @@ class Recipe:
     learning_rate: float
     synthetic_triggers: float
     frozen_layers: tuple[str, ...]
+    proxy_triggers: float = 0.0
 
 
 def resolve_recipe(options: SanitizeOptions, model: keras.Model, head: list[str]) -> Recipe:
@@ -71,4 +73,14 @@ def resolve_recipe(options: SanitizeOptions, model: keras.Model, head: list[str]
     epochs = options.epochs
     if epochs == "auto":
         epochs = POOLED_EPOCHS if pools and plain_fine_pruning else AUTOMATIC_EPOCHS
-    return Recipe(epochs=epochs, learning_rate=rate, synthetic_triggers=share, frozen_layers=frozen)
+    proxy = options.proxy_triggers
+    if proxy == "auto":
+        classes = int(model.outputs[0].shape[-1])
+        proxy = PROXY_SHARE if plain_fine_pruning and classes > 1 else 0.0
+    return Recipe(
+        epochs=epochs,
+        learning_rate=rate,
+        synthetic_triggers=share,
+        frozen_layers=frozen,
+        proxy_triggers=proxy,
+    )

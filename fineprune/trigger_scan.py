@@ -110,9 +110,13 @@ def scan(
     """Score every class; name the suspect and keep its perturbation (see the module doc)."""
     started = time.perf_counter()
     classes = int(model.outputs[0].shape[-1])
+    if classes < 2:
+        raise ValueError("the trigger scan needs a classifier with two or more outputs")
     from_logits = output_kind(predict(model, x[:256])) == "logits"
     rng = np.random.default_rng(seed)
     pools = {c: rng.permutation(np.flatnonzero(y != c))[:images] for c in range(classes)}
+    if any(len(pool) == 0 for pool in pools.values()):
+        raise ValueError("the trigger scan needs clean images of at least two classes")
     descend = _Descent(model, from_logits)
     relative, direction = START_RADIUS, 0
     previous: tuple[float, list, np.ndarray] | None = None

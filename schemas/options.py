@@ -131,15 +131,14 @@ class SanitizeOptions(BaseModel):
         "class (image inputs only; 0: off). 'auto': 0.5 for models with a global pooling "
         "layer or a frozen head (freeze_head), 0 for the others.",
     )
-    proxy_triggers: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
+    proxy_triggers: float | Literal["auto"] = Field(
+        "auto",
         description="Fine-tuning defenses: scan the delivered model, without the trigger, for "
         "a class that an unusually small universal perturbation reaches (Neural Cleanse's "
         "test) and shift this share of each batch by that perturbation, true labels kept, so "
-        "the shortcut it rides on is unlearned (0: no scan). The report gives the scan either "
-        "way it ends; when no class stands out nothing is shifted.",
+        "the shortcut it rides on is unlearned (0: no scan). When no class stands out nothing "
+        "is shifted; the report gives the scan either way. 'auto': 0.25 for fine-pruning of a "
+        "classifier with two or more outputs, 0 otherwise.",
     )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
@@ -222,6 +221,13 @@ class SanitizeOptions(BaseModel):
             raise ValueError("synthetic_triggers must be 'auto' or a share in [0, 1]")
         return value
 
+    @field_validator("proxy_triggers")
+    @classmethod
+    def _proxy_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 <= value <= 1.0:
+            raise ValueError("proxy_triggers must be 'auto' or a share in [0, 1]")
+        return value
+
     @model_validator(mode="after")
     def _defense_needs(self) -> SanitizeOptions:
         if not self.prunes and self.prune_fraction not in (None, 0.0):
@@ -234,7 +240,7 @@ class SanitizeOptions(BaseModel):
             raise ValueError(
                 "freeze_head cannot be used with feature-shift tuning, which retrains the head"
             )
-        if self.proxy_triggers and self.defense not in TUNING_DEFENSES:
+        if self.proxy_triggers not in ("auto", 0.0) and self.defense not in TUNING_DEFENSES:
             raise ValueError(
                 f"proxy_triggers needs a defense that fine-tunes, not {self.defense!r}"
             )

@@ -154,9 +154,11 @@ SCHEDULES["previous-default"] = dict(freeze_head=False, learning_rate=1e-3, epoc
 _FROZEN_AUTO = dict(freeze_head=True, synthetic_triggers=0.5, learning_rate=2.5e-3, epochs=10)
 SCHEDULES["frozen-lr3e-3"] = dict(_FROZEN_AUTO, learning_rate=3e-3)
 SCHEDULES["frozen-e20"] = dict(_FROZEN_AUTO, epochs=20)
-# The trigger-free scan's proxy trigger on part of each batch, on top of the `auto` recipe.
+# The trigger-free scan's proxy trigger on part of each batch, on top of the `auto` recipe; and
+# that recipe without it, as "default" meant before `proxy_triggers` became `auto`.
 SCHEDULES["proxy25"] = dict(proxy_triggers=0.25)
 SCHEDULES["proxy10"] = dict(proxy_triggers=0.1)
+SCHEDULES["auto-noproxy"] = dict(proxy_triggers=0.0)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500

@@ -170,6 +170,18 @@ def save_npz(path: Path, **arrays: np.ndarray) -> Path:
     return path
 
 
+def backdoor_inputs(root: Path, model: keras.Model, seed: int) -> dict[str, Path]:
+    """A backdoored model's file, 600 clean textures and 300 triggered ones, under `root`."""
+    model.save(root / "model.keras")
+    x, y = textures(600, seed=seed)
+    xt, yt = trigger_set(300, seed=seed + 100)
+    return {
+        "keras": root / "model.keras",
+        "clean": save_npz(root / "clean.npz", x=x, y=y),
+        "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
+    }
+
+
 def bn_and_plain_conv(seed: int = 0) -> keras.Model:
     """Conv+BN (the BN is the neuron), a conv with no BN (its kernel is), a dense head."""
     keras.utils.set_random_seed(seed)

@@ -8,18 +8,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from factories import (
-    save_npz,
-    sequential_bn_flatten,
-    textures,
-    train_backdoored,
-    trigger_set,
-)
+from factories import backdoor_inputs, sequential_bn_flatten, textures, train_backdoored
 from pydantic import ValidationError
 
 from fineprune.data import LabelledData
 from fineprune.finetune import FineTuneSettings, _dataset
 from fineprune.pipeline import Inputs, sanitize
+from fineprune.recipe import PROXY_SHARE, resolve_recipe
 from fineprune.trigger_scan import ANOMALY_THRESHOLD, scan, universal_perturbation
 from fineprune.unlearning import perturbation_radius
 from schemas.options import SanitizeOptions
@@ -103,15 +98,7 @@ def test_fine_tuning_shifts_the_asked_share_of_each_batch_by_the_proxy():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, backdoored) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("scan")
-    backdoored.save(root / "model.keras")
-    x, y = textures(600, seed=35)
-    xt, yt = trigger_set(300, seed=36)
-    return {
-        "keras": root / "model.keras",
-        "clean": save_npz(root / "clean.npz", x=x, y=y),
-        "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
-    }
+    return backdoor_inputs(tmp_path_factory.mktemp("scan"), backdoored, seed=35)
 
 
 def test_sanitize_scans_shifts_and_reports_the_scan(files, tmp_path: Path):
@@ -128,7 +115,9 @@ def test_sanitize_scans_shifts_and_reports_the_scan(files, tmp_path: Path):
     html = (out / "report.html").read_text()
     assert "trigger scan flagged class 0" in html
     untouched = sanitize(
-        Inputs(files["keras"], files["clean"]), tmp_path / "plain", SanitizeOptions(epochs=1)
+        Inputs(files["keras"], files["clean"]),
+        tmp_path / "plain",
+        SanitizeOptions(epochs=1, proxy_triggers=0.0),
     )
     assert untouched.fine_tuning is not None and untouched.fine_tuning.trigger_scan is None
 
@@ -139,3 +128,22 @@ def test_the_proxy_needs_a_defense_that_fine_tunes():
     with pytest.raises(ValidationError):
         SanitizeOptions(proxy_triggers=1.5)
     assert SanitizeOptions(defense="fine-tuning", proxy_triggers=0.1).proxy_triggers == 0.1
+    assert SanitizeOptions(defense="pruning").proxy_triggers == "auto"  # auto: nothing to tune
+
+
+def test_auto_shifts_a_quarter_for_fine_pruning_only(backdoored):
+    head = ["flatten", "dense"]
+    assert resolve_recipe(SanitizeOptions(), backdoored, head).proxy_triggers == PROXY_SHARE
+    for defense in ("fine-tuning", "fine-pruning-sam", "fine-pruning-fst", "fine-pruning-bau"):
+        recipe = resolve_recipe(SanitizeOptions(defense=defense), backdoored, head)
+        assert recipe.proxy_triggers == 0.0, defense
+    chosen = resolve_recipe(
+        SanitizeOptions(defense="fine-tuning", proxy_triggers=0.1), backdoored, []
+    )
+    assert chosen.proxy_triggers == 0.1
+
+
+def test_the_scan_refuses_what_it_cannot_score(backdoored):
+    x, y = textures(100, seed=38)
+    with pytest.raises(ValueError, match="two classes"):
+        scan(backdoored, x, np.zeros_like(y))

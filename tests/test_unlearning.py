@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from factories import save_npz, textures, train_backdoored, trigger_set
+from factories import backdoor_inputs, train_backdoored
 
 from fineprune.pipeline import Inputs, sanitize
 from fineprune.unlearning import AdversarialUnlearning, perturbation_radius
@@ -71,15 +71,7 @@ def test_one_step_descends_the_clean_loss_plus_the_loss_at_the_worst_shift():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bau")
-    train_backdoored(seed=1).save(root / "model.keras")
-    x, y = textures(600, seed=110)
-    xt, yt = trigger_set(300, seed=210)
-    return {
-        "keras": root / "model.keras",
-        "clean": save_npz(root / "clean.npz", x=x, y=y),
-        "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
-    }
+    return backdoor_inputs(tmp_path_factory.mktemp("bau"), train_backdoored(seed=1), seed=110)
 
 
 def test_the_unlearning_defenses_are_reported_as_such(files, tmp_path: Path):
