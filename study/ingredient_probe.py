@@ -90,7 +90,7 @@ def main() -> None:
     )
     x, y = data.defender.x[rows], data.defender.y[rows]
     xt, yt = triggered(data.test.x, data.test.y, TRIGGERS[args.trigger], TARGET)
-    options = SanitizeOptions(seed=seed)
+    options = SanitizeOptions(seed=seed, proxy_triggers=0.0)  # the recipe before the scan
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "clean.npz"
         np.savez(clean, x=x, y=y)

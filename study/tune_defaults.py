@@ -145,13 +145,18 @@ for _name, _schedule in SCHEDULES.items():
         _schedule.setdefault("freeze_head", False)
         _schedule.setdefault("learning_rate", 1e-3)
         _schedule.setdefault("epochs", 10)
+        _schedule.setdefault("proxy_triggers", 0.0)
 # The default before the head was frozen for models that do not pool globally (and before
 # twenty epochs for those that do).
-SCHEDULES["previous-default"] = dict(freeze_head=False, learning_rate=1e-3, epochs=10)
+SCHEDULES["previous-default"] = dict(
+    freeze_head=False, learning_rate=1e-3, epochs=10, proxy_triggers=0.0
+)
 # The frozen-head rate, 2.5e-3, was read off two probe runs: a higher one, on more seeds, or
 # twice the epochs. For the seed CNN only; recorded as `auto` with the rate or epochs changed,
 # spelled out here so that they keep meaning that (the head frozen, half of each batch stamped).
-_FROZEN_AUTO = dict(freeze_head=True, synthetic_triggers=0.5, learning_rate=2.5e-3, epochs=10)
+_FROZEN_AUTO = dict(
+    freeze_head=True, synthetic_triggers=0.5, learning_rate=2.5e-3, epochs=10, proxy_triggers=0.0
+)
 SCHEDULES["frozen-lr3e-3"] = dict(_FROZEN_AUTO, learning_rate=3e-3)
 SCHEDULES["frozen-e20"] = dict(_FROZEN_AUTO, epochs=20)
 # The trigger-free scan's proxy trigger on part of each batch, on top of the `auto` recipe; and

@@ -8,7 +8,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from factories import backdoor_inputs, sequential_bn_flatten, textures, train_backdoored
+from factories import (
+    backdoor_inputs,
+    save_npz,
+    sequential_bn_flatten,
+    textures,
+    train_backdoored,
+)
 from pydantic import ValidationError
 
 from fineprune.data import LabelledData
@@ -147,3 +153,16 @@ def test_the_scan_refuses_what_it_cannot_score(backdoored):
     x, y = textures(100, seed=38)
     with pytest.raises(ValueError, match="two classes"):
         scan(backdoored, x, np.zeros_like(y))
+
+
+def test_a_clean_model_is_fine_pruned_without_a_proxy_and_told_so(clean_model, tmp_path: Path):
+    clean_model.save(tmp_path / "clean.keras")
+    x, y = textures(600, seed=39)
+    data = save_npz(tmp_path / "clean.npz", x=x, y=y)
+    report = sanitize(
+        Inputs(tmp_path / "clean.keras", data), tmp_path / "out", SanitizeOptions(epochs=1)
+    )
+    found = report.fine_tuning.trigger_scan
+    assert found is not None and found.suspect is None and found.share == 0.0
+    assert any("found no class that stands out" in w for w in report.warnings)
+    assert "found no class that stands out" in (tmp_path / "out" / "report.html").read_text()
