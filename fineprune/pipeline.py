@@ -165,9 +165,13 @@ def sanitize(
             scanned = None
             if settings.proxy_share:
                 # On the delivered model, where a backdoor is whole and stands out most.
-                scanned = scan(model, splits.train.x, splits.train.y, options.seed)
-                settings = replace(settings, proxy_trigger=scanned.perturbation)
-                if scanned.suspect is None:
+                try:
+                    scanned = scan(model, splits.train.x, splits.train.y, options.seed)
+                except ValueError as exc:  # one output, or one class in the clean data
+                    warnings.append(f"trigger scan skipped: {exc}; fine-tuned without a proxy")
+                else:
+                    settings = replace(settings, proxy_trigger=scanned.perturbation)
+                if scanned is not None and scanned.suspect is None:
                     warnings.append(
                         "the trigger scan found no class that stands out; fine-tuned without "
                         "a proxy trigger"

@@ -40,7 +40,7 @@ MAD_SCALE = 1.4826  # a median absolute deviation, scaled to a normal standard d
 
 @dataclass(frozen=True)
 class ScanResult:
-    radius: float  # relative to the images' mean L2 norm: the last rung scanned
+    radius: float  # relative to the images' mean L2 norm: the rung the scores are from
     success: tuple[float, ...]  # per class: share of other classes' images sent there
     anomaly: tuple[float, ...]  # per class: robust z-score of its success
     suspect: int | None  # the class that stands out, if one does

@@ -166,3 +166,18 @@ def test_a_clean_model_is_fine_pruned_without_a_proxy_and_told_so(clean_model, t
     assert found is not None and found.suspect is None and found.share == 0.0
     assert any("found no class that stands out" in w for w in report.warnings)
     assert "found no class that stands out" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_scan_that_cannot_run_is_skipped_with_a_warning(tmp_path: Path):
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((16, 16, 3))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    binary = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(h))
+    binary.save(tmp_path / "binary.keras")
+    x, y = textures(300, seed=40)
+    data = save_npz(tmp_path / "clean.npz", x=x, y=(y == 0).astype(np.int64))
+    options = SanitizeOptions(epochs=1, proxy_triggers=0.25)
+    report = sanitize(Inputs(tmp_path / "binary.keras", data), tmp_path / "out", options)
+    assert report.fine_tuning is not None and report.fine_tuning.trigger_scan is None
+    assert any("trigger scan skipped" in w and "two or more" in w for w in report.warnings)
