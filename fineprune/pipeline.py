@@ -166,7 +166,13 @@ def sanitize(
             if settings.proxy_share:
                 # On the delivered model, where a backdoor is whole and stands out most.
                 try:
-                    scanned = scan(model, splits.train.x, splits.train.y, options.seed)
+                    scanned = scan(
+                        model,
+                        splits.train.x,
+                        splits.train.y,
+                        options.seed,
+                        from_logits=kind == "logits",
+                    )
                 except ValueError as exc:  # one output, or one class in the clean data
                     warnings.append(f"trigger scan skipped: {exc}; fine-tuned without a proxy")
                 else:

@@ -106,13 +106,18 @@ def scan(
     seed: int = 0,
     images: int = SCAN_IMAGES,
     steps: int = SCAN_STEPS,
+    from_logits: bool | None = None,
 ) -> ScanResult:
-    """Score every class; name the suspect and keep its perturbation (see the module doc)."""
+    """Score every class; name the suspect and keep its perturbation (see the module doc).
+
+    `from_logits`: whether the model ends without softmax; None reads it off its outputs.
+    """
     started = time.perf_counter()
     classes = int(model.outputs[0].shape[-1])
     if classes < 2:
         raise ValueError("the trigger scan needs a classifier with two or more outputs")
-    from_logits = output_kind(predict(model, x[:256])) == "logits"
+    if from_logits is None:
+        from_logits = output_kind(predict(model, x[:256])) == "logits"
     rng = np.random.default_rng(seed)
     pools = {c: rng.permutation(np.flatnonzero(y != c))[:images] for c in range(classes)}
     if any(len(pool) == 0 for pool in pools.values()):
