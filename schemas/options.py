@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 Defense = Literal[
     "fine-pruning",
@@ -214,18 +221,11 @@ class SanitizeOptions(BaseModel):
             raise ValueError("learning_rate must be 'auto' or a rate in (0, 1]")
         return value
 
-    @field_validator("synthetic_triggers")
+    @field_validator("synthetic_triggers", "proxy_triggers")
     @classmethod
-    def _share_range(cls, value: float | str) -> float | str:
+    def _share_range(cls, value: float | str, info: ValidationInfo) -> float | str:
         if value != "auto" and not 0.0 <= value <= 1.0:
-            raise ValueError("synthetic_triggers must be 'auto' or a share in [0, 1]")
-        return value
-
-    @field_validator("proxy_triggers")
-    @classmethod
-    def _proxy_range(cls, value: float | str) -> float | str:
-        if value != "auto" and not 0.0 <= value <= 1.0:
-            raise ValueError("proxy_triggers must be 'auto' or a share in [0, 1]")
+            raise ValueError(f"{info.field_name} must be 'auto' or a share in [0, 1]")
         return value
 
     @model_validator(mode="after")
