@@ -175,9 +175,9 @@ def sanitize(
     unlearning_radius: Annotated[float, typer.Option(help=_help("unlearning_radius"))] = _default(
         "unlearning_radius"
     ),
-    distillation: Annotated[float, typer.Option(help=_help("distillation"))] = _default(
-        "distillation"
-    ),
+    distillation: Annotated[
+        str, typer.Option(metavar="WEIGHT|auto", help=_help("distillation"))
+    ] = str(_default("distillation")),
     fst_fallback: Annotated[bool, typer.Option(help=_help("fst_fallback"))] = _default(
         "fst_fallback"
     ),
@@ -212,7 +212,7 @@ def sanitize(
             sharpness_radius=sharpness_radius,
             shift_strength=shift_strength,
             unlearning_radius=unlearning_radius,
-            distillation=distillation,
+            distillation=_parse_auto(distillation, float, "1"),
             fst_fallback=fst_fallback,
             seed=seed,
         )

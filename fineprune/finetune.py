@@ -61,7 +61,7 @@ class FineTuneSettings:
     sharpness_radius: float = 0.0  # 0: plain fine-tuning; >0: adaptive SAM with this rho
     feature_shift: float = 0.0  # 0: keep the classifier; >0: FST with this penalty strength
     unlearning_radius: float = 0.0  # >0: adversarial unlearning, radius relative to input norm
-    distillation: float = 0.0  # FST and unlearning: weight of the delivered model's teaching
+    distillation: float = 0.0  # weight of the delivered model's teaching (needs a teacher)
     keep_last: bool = False  # run every epoch and keep the last, instead of the validation pick
     synthetic_triggers: float = 0.0  # share of each batch stamped with a random patch or blend
     frozen_layers: tuple[str, ...] = ()  # kept as delivered: the classifier head, when asked
@@ -113,8 +113,8 @@ class SharpnessAware(TrainingWrapper):
     radius is relative to each weight's size and one rho suits every layer.
     """
 
-    def __init__(self, inner: keras.Model, radius: float) -> None:
-        super().__init__(inner, "sam")
+    def __init__(self, inner: keras.Model, radius: float, teacher: Teacher | None = None) -> None:
+        super().__init__(inner, "sam", teacher)
         self.radius = radius
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -123,7 +123,8 @@ class SharpnessAware(TrainingWrapper):
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
-        grads = tape.gradient(loss, variables)
+            total = loss + self.teaching(x)
+        grads = tape.gradient(total, variables)
         scaled = [
             tf.zeros_like(v) if g is None else g * tf.abs(v)
             for g, v in zip(grads, variables, strict=True)
@@ -134,10 +135,33 @@ class SharpnessAware(TrainingWrapper):
             variable.assign_add(step)
         with tf.GradientTape() as tape:
             sharp_loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
+            sharp_loss += self.teaching(x)
         sharp_grads = tape.gradient(sharp_loss, variables)
         for variable, step in zip(variables, steps, strict=True):
             variable.assign_sub(step)
         self.apply_gradients(sharp_grads, variables)
+        return self.metrics_after(loss, y, y_pred)
+
+
+class Distilled(TrainingWrapper):
+    """Trains `inner` on its labels and on the delivered model's outputs for mixed images.
+
+    Plain fine-tuning on a small clean set forgets what that set does not show; the teacher
+    covers more of the input space. Without a second signal against it (a proxy trigger), the
+    teaching also keeps a backdoor (README, "Adversarial unlearning (BAU)").
+    """
+
+    def __init__(self, inner: keras.Model, teacher: Teacher) -> None:
+        super().__init__(inner, "distilled", teacher)
+
+    def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        x, y = data
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+            total = loss + self.teaching(x)
+        self.apply_gradients(tape.gradient(total, variables), variables)
         return self.metrics_after(loss, y, y_pred)
 
 
@@ -261,7 +285,9 @@ def fine_tune(
         radius = perturbation_radius(train.x, settings.unlearning_radius)
         trainer = AdversarialUnlearning(model, loss, radius, teach)
     elif settings.sharpness_radius:
-        trainer = SharpnessAware(model, settings.sharpness_radius)
+        trainer = SharpnessAware(model, settings.sharpness_radius, teach)
+    elif teach is not None:
+        trainer = Distilled(model, teach)
     trainer.compile(
         optimizer=_optimizer(
             settings, settings.epochs * -(-len(train) // settings.batch_size), model

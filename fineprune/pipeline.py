@@ -455,7 +455,7 @@ def fine_tune_settings(
         sharpness_radius=options.sharpness,
         feature_shift=options.feature_shift,
         unlearning_radius=options.unlearning,
-        distillation=options.distillation,
+        distillation=options.distillation_weight,
         keep_last=options.feature_shift > 0,
     )
 

@@ -683,7 +683,7 @@ def _history_section(report: SanitizeReport) -> str:
     if report.options.distills and not ft.fallback_reason:
         intro += (
             "<p>The delivered model taught the tuned one on mixtures of clean images "
-            f"(distillation weight {report.options.distillation:g}), to keep the clean "
+            f"(distillation weight {report.options.distillation_weight:g}), to keep the clean "
             "accuracy this method would otherwise lose.</p>"
         )
     if not rows:

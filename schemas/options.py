@@ -186,14 +186,13 @@ class SanitizeOptions(BaseModel):
         "relative to the clean inputs' mean L2 norm; used by the bau and fine-pruning-bau "
         "defenses.",
     )
-    distillation: float = Field(
-        1.0,
-        ge=0.0,
-        le=100.0,
-        description="fst, bau and their fine-pruning forms only: weight of the delivered "
-        "model's teaching (its class probabilities on mixtures of two clean images, temperature "
-        "1), which keeps the clean accuracy these defenses would lose; 0 for FST and I-BAU as "
-        "published.",
+    distillation: float | Literal["auto"] = Field(
+        "auto",
+        description="Fine-tuning defenses: weight of the delivered model's teaching (its class "
+        "probabilities on mixtures of two clean images, temperature 1), which keeps clean "
+        "accuracy that training on a small set would lose; 0: no teacher. 'auto': 1 for fst, "
+        "bau and their fine-pruning forms (0 gives FST and I-BAU as published), 0 for the "
+        "others.",
     )
     fst_fallback: bool = Field(
         True,
@@ -219,6 +218,13 @@ class SanitizeOptions(BaseModel):
     def _rate_range(cls, value: float | str) -> float | str:
         if value != "auto" and not 0.0 < value <= 1.0:
             raise ValueError("learning_rate must be 'auto' or a rate in (0, 1]")
+        return value
+
+    @field_validator("distillation")
+    @classmethod
+    def _distillation_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 <= value <= 100.0:
+            raise ValueError("distillation must be 'auto' or a weight in [0, 100]")
         return value
 
     @field_validator("synthetic_triggers", "proxy_triggers")
@@ -273,4 +279,16 @@ class SanitizeOptions(BaseModel):
 
     @property
     def distills(self) -> bool:
-        return (self.feature_shift > 0 or self.unlearning > 0) and self.distillation > 0
+        """Whether the delivered model teaches while fine-tuning (`auto` resolved)."""
+        if not self.fine_tunes:
+            return False
+        if self.distillation == "auto":
+            return self.feature_shift > 0 or self.unlearning > 0
+        return self.distillation > 0
+
+    @property
+    def distillation_weight(self) -> float:
+        """The teacher's weight fine-tuning uses: 0 when nothing is taught."""
+        if not self.distills:
+            return 0.0
+        return 1.0 if self.distillation == "auto" else float(self.distillation)

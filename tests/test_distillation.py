@@ -1,0 +1,89 @@
+"""The delivered model teaching plain fine-tuning: the step it takes and when it is on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from factories import backdoor_inputs, train_backdoored
+from pydantic import ValidationError
+
+from fineprune.distillation import Teacher
+from fineprune.finetune import Distilled
+from fineprune.pipeline import Inputs, fine_tune_settings, sanitize
+from schemas.options import SanitizeOptions
+
+
+def test_a_distilled_step_adds_the_teachers_cross_entropy_to_the_labels():
+    """With mixing off, one SGD step on CE(y, p) + w * CE(teacher(x), p), by hand."""
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 8)
+    kernel, bias = (w.copy() for w in inner.get_weights())
+
+    k, b = tf.Variable(kernel), tf.Variable(bias)
+    with tf.GradientTape() as tape:
+        p = tf.nn.softmax(x @ k + b)
+        q = teacher(x).numpy()
+        ce = -tf.reduce_mean(tf.math.log(tf.gather(p, y, batch_dims=1)))
+        distill = -tf.reduce_mean(tf.reduce_sum(q * tf.math.log(p), axis=-1))
+        loss = ce + 3.0 * distill
+    gk, gb = tape.gradient(loss, [k, b])
+
+    trainer = Distilled(inner, Teacher(teacher, weight=3.0, mix=0.0))
+    trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    got_kernel, got_bias = inner.get_weights()
+    np.testing.assert_allclose(got_kernel, kernel - 0.1 * gk.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_bias, bias - 0.1 * gb.numpy(), rtol=1e-4, atol=1e-5)
+    assert not teacher.trainable
+
+
+@pytest.mark.parametrize(
+    ("defense", "distillation", "weight"),
+    [
+        ("fine-pruning", "auto", 0.0),
+        ("fine-pruning", 2.0, 2.0),
+        ("fine-pruning-sam", 0.5, 0.5),
+        ("fst", "auto", 1.0),
+        ("fine-pruning-bau", "auto", 1.0),
+        ("bau", 0.0, 0.0),
+        ("pruning", 1.0, 0.0),  # nothing is fine-tuned, so nothing is taught
+    ],
+)
+def test_auto_teaches_the_defenses_that_move_far_and_a_weight_teaches_any(
+    defense: str, distillation: float | str, weight: float
+):
+    options = SanitizeOptions(defense=defense, distillation=distillation)
+    assert options.distills == (weight > 0)
+    assert options.distillation_weight == weight
+    if options.fine_tunes:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+        settings = fine_tune_settings(options, model)
+        assert settings.distillation == weight
+
+
+def test_a_distillation_weight_out_of_range_names_the_option():
+    with pytest.raises(ValidationError, match="distillation must be 'auto' or a weight"):
+        SanitizeOptions(distillation=-1.0)
+    with pytest.raises(ValidationError, match="distillation"):
+        SanitizeOptions(distillation="often")
+
+
+def test_fine_pruning_with_a_teacher_says_so_and_removes_the_backdoor(tmp_path: Path):
+    files = backdoor_inputs(tmp_path, train_backdoored(seed=3), seed=41)
+    report = sanitize(
+        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        tmp_path / "out",
+        SanitizeOptions(epochs=3, distillation=1.0),
+    )
+    assert report.baseline.attack_success_rate.value >= 0.9
+    assert report.fine_tuning is not None and report.fine_tuning.method == "plain"
+    assert report.fine_pruned.attack_success_rate.value <= 0.1
+    assert report.fine_pruned.clean_accuracy.value >= report.baseline.clean_accuracy.value - 0.1
+    assert "delivered model taught" in (tmp_path / "out" / "report.html").read_text()
