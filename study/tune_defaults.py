@@ -164,6 +164,12 @@ SCHEDULES["frozen-e20"] = dict(_FROZEN_AUTO, epochs=20)
 SCHEDULES["proxy25"] = dict(proxy_triggers=0.25)
 SCHEDULES["proxy10"] = dict(proxy_triggers=0.1)
 SCHEDULES["auto-noproxy"] = dict(proxy_triggers=0.0)
+# The proxy's accuracy cost: the delivered model teaching, a lower rate, no synthetic stamps,
+# or pruning only to a 2-point drop, each on top of proxy25.
+SCHEDULES["proxy25-distill"] = dict(proxy_triggers=0.25, distillation=1.0)
+SCHEDULES["proxy25-lr1e-3"] = dict(proxy_triggers=0.25, learning_rate=1e-3)
+SCHEDULES["proxy25-nostamps"] = dict(proxy_triggers=0.25, synthetic_triggers=0.0)
+SCHEDULES["proxy25-drop2"] = dict(proxy_triggers=0.25, max_accuracy_drop=2.0)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
