@@ -56,6 +56,16 @@ def test_the_scan_names_the_backdoors_class_and_keeps_its_perturbation(backdoore
     assert (sent == 0).mean() > (untouched == 0).mean() + 0.3
 
 
+def test_success_is_read_on_images_held_apart_from_the_search(backdoored):
+    """7 search images, 30 held apart: every success is a count out of 30, not out of 7."""
+    x, y = textures(600, seed=36)
+    found = scan(backdoored, x, y, seed=1, images=7, check_images=30)
+    counts = np.array(found.success) * 30
+    np.testing.assert_allclose(counts, np.round(counts), atol=0.01)
+    assert any(round(s * 7, 2) % 1 for s in found.success)  # so not read on the 7
+    assert found.suspect == 0
+
+
 def test_a_clean_model_has_no_suspect(clean_model):
     x, y = textures(600, seed=32)
     found = scan(clean_model, x, y, seed=0)
