@@ -182,6 +182,10 @@ def sanitize(
                         "the trigger scan found no class that stands out; fine-tuned without "
                         "a proxy trigger"
                     )
+                if settings.proxy_trigger is None:
+                    # Nothing to unlearn with: the `auto`s fall back to their recipe without.
+                    unproxied = options.model_copy(update={"proxy_triggers": 0.0})
+                    settings = fine_tune_settings(unproxied, pruned_model, head)
             # The delivered model teaches; it is trained in place only when nothing was cut.
             teacher = None
             if options.distills:

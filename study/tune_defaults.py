@@ -168,8 +168,13 @@ SCHEDULES["auto-noproxy"] = dict(proxy_triggers=0.0)
 # or pruning only to a 2-point drop, each on top of proxy25.
 SCHEDULES["proxy25-distill"] = dict(proxy_triggers=0.25, distillation=1.0)
 SCHEDULES["proxy25-lr1e-3"] = dict(proxy_triggers=0.25, learning_rate=1e-3)
+# proxy25 as it ran before `auto` lowered the frozen-head rate under a proxy to 1e-3.
+SCHEDULES["proxy25-lr2.5e-3"] = dict(proxy_triggers=0.25, learning_rate=2.5e-3)
 SCHEDULES["proxy25-nostamps"] = dict(proxy_triggers=0.25, synthetic_triggers=0.0)
 SCHEDULES["proxy25-drop2"] = dict(proxy_triggers=0.25, max_accuracy_drop=2.0)
+SCHEDULES["proxy25-lr1e-3-nostamps"] = dict(
+    proxy_triggers=0.25, learning_rate=1e-3, synthetic_triggers=0.0
+)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500

@@ -51,15 +51,18 @@ def test_the_head_is_everything_downstream_of_the_layer_and_nothing_beside_it():
     assert ModelGraph(residual_block()).downstream_layers("out") == []
 
 
-def test_auto_freezes_a_flatten_head_stamps_and_raises_the_rate():
+def test_auto_freezes_a_flatten_head_stamps_and_raises_the_rate_without_a_proxy():
     model = sequential_bn_flatten()
     head = ModelGraph(model).downstream_layers("conv2")
-    recipe = resolve_recipe(SanitizeOptions(), model, head)
+    recipe = resolve_recipe(SanitizeOptions(proxy_triggers=0.0), model, head)
     assert not pools_globally(model)
     assert recipe.frozen_layers == tuple(head)
     assert recipe.synthetic_triggers == AUTOMATIC_SHARE
     assert recipe.learning_rate == FROZEN_HEAD_RATE > AUTOMATIC_RATE
     assert recipe.epochs == AUTOMATIC_EPOCHS
+    proxied = resolve_recipe(SanitizeOptions(), model, head)
+    assert proxied.proxy_triggers > 0 and proxied.learning_rate == AUTOMATIC_RATE
+    assert proxied.frozen_layers == tuple(head)
 
 
 def test_auto_trains_a_pooled_head_and_stamps_at_the_usual_rate():
@@ -87,7 +90,9 @@ def test_explicit_choices_win_over_auto():
     assert resolve_recipe(SanitizeOptions(epochs=3), residual_block(), ["out"]).epochs == 3
     other = resolve_recipe(SanitizeOptions(defense="fine-pruning-sam"), residual_block(), ["out"])
     assert other.epochs == AUTOMATIC_EPOCHS  # only plain fine-pruning was measured at 20
-    pooled = resolve_recipe(SanitizeOptions(freeze_head=True), residual_block(), ["gap", "out"])
+    pooled = resolve_recipe(
+        SanitizeOptions(freeze_head=True, proxy_triggers=0.0), residual_block(), ["gap", "out"]
+    )
     assert pooled.frozen_layers == ("gap", "out")
     assert pooled.learning_rate == FROZEN_HEAD_RATE
 

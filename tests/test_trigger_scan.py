@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from fineprune.data import LabelledData
 from fineprune.finetune import FineTuneSettings, _dataset
 from fineprune.pipeline import Inputs, sanitize
-from fineprune.recipe import PROXY_SHARE, resolve_recipe
+from fineprune.recipe import AUTOMATIC_RATE, FROZEN_HEAD_RATE, PROXY_SHARE, resolve_recipe
 from fineprune.trigger_scan import ANOMALY_THRESHOLD, scan, universal_perturbation
 from fineprune.unlearning import perturbation_radius
 from schemas.options import SanitizeOptions
@@ -127,6 +127,7 @@ def test_sanitize_scans_shifts_and_reports_the_scan(files, tmp_path: Path):
     tuning = report.fine_tuning
     assert tuning is not None and tuning.trigger_scan is not None
     assert tuning.trigger_scan.suspect == 0 and tuning.trigger_scan.share == 0.25
+    assert tuning.learning_rate == AUTOMATIC_RATE  # the proxy unlearns at the usual rate
     assert len(tuning.trigger_scan.success) == 4
     html = (out / "report.html").read_text()
     assert "trigger scan flagged class 0" in html
@@ -174,6 +175,7 @@ def test_a_clean_model_is_fine_pruned_without_a_proxy_and_told_so(clean_model, t
     )
     found = report.fine_tuning.trigger_scan
     assert found is not None and found.suspect is None and found.share == 0.0
+    assert report.fine_tuning.learning_rate == FROZEN_HEAD_RATE  # the recipe without a proxy
     assert any("found no class that stands out" in w for w in report.warnings)
     assert "found no class that stands out" in (tmp_path / "out" / "report.html").read_text()
 
