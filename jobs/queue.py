@@ -49,6 +49,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout,
             "unacked_restore_interval": settings.unacked_restore_interval,
             "unacked_restore_throttle": 1,
+            # A worker killed inside a restore sweep leaves the sweep's lock held until it
+            # expires (kombu's default: 300 s), and no worker restores anything meanwhile.
+            # A sweep takes milliseconds; a few intervals is ample.
+            "unacked_mutex_expire": max(10, 3 * settings.unacked_restore_interval),
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
         }

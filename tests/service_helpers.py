@@ -213,7 +213,10 @@ def poll_job(
         observed.last = body
         return body if until(body) else None
 
-    return wait_until(check, timeout, f"job {job_id} (seen {observed.snapshots[-5:]})", interval)
+    try:
+        return wait_until(check, timeout, f"job {job_id}", interval)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last states seen: {observed.snapshots[-5:]}") from None
 
 
 def final(body: dict[str, Any]) -> bool:

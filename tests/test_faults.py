@@ -490,3 +490,19 @@ def test_results_are_published_all_or_none(tmp_path: Path) -> None:
         lifecycle.publish_success(records, store, job_id, out, summary, {})
     assert not store.exists(job_id, "sanitized.keras")
     assert records.get(job_id).state == JobState.running
+
+
+def test_a_worker_killed_mid_sweep_blocks_restores_for_seconds_not_minutes() -> None:
+    """kombu holds a lock while it restores abandoned messages; a worker killed holding it
+    leaves it to expire (kombu's default 300 s, longer than this suite waits for a lost job
+    to come back: tests/test_service.py::test_job_survives_its_worker_being_killed)."""
+    from jobs.queue import celery_config
+
+    settings = Settings(redis_url="redis://127.0.0.1:6379/9", unacked_restore_interval=1)
+    transport = celery_config(settings)["broker_transport_options"]
+    assert transport["unacked_mutex_expire"] == 10
+    assert transport["unacked_mutex_expire"] < settings.visibility_timeout
+    app = make_celery(settings)
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        assert channel.unacked_mutex_expire == 10  # what kombu will use, not just what we pass
