@@ -10,6 +10,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from fineprune.data import LabelledData
 
@@ -202,3 +203,21 @@ def bn_and_plain_conv(seed: int = 0) -> keras.Model:
 def random_images(n: int = 48, seed: int = 0) -> LabelledData:
     rng = np.random.default_rng(seed)
     return LabelledData(rng.random((n, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, n))
+
+
+def teaching_problem() -> tuple[keras.Model, keras.Model, np.ndarray, np.ndarray]:
+    """A one-layer softmax student, its teacher, 8 inputs and labels: a step checked by hand."""
+    keras.utils.set_random_seed(0)
+    student = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 3, 8)
+    return student, teacher, x, y
+
+
+def taught_loss(kernel, bias, x: np.ndarray, y: np.ndarray, teacher: keras.Model, weight: float):
+    """CE(y, p) + weight * CE(teacher(x), p) for the student's softmax p = x @ kernel + bias."""
+    p = tf.nn.softmax(x @ kernel + bias)
+    q = teacher(x).numpy()
+    labels = -tf.reduce_mean(tf.math.log(tf.gather(p, y, batch_dims=1)))
+    return labels - weight * tf.reduce_mean(tf.reduce_sum(q * tf.math.log(p), axis=-1))

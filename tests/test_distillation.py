@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from factories import backdoor_inputs, train_backdoored
+from factories import backdoor_inputs, taught_loss, teaching_problem, train_backdoored
 from pydantic import ValidationError
 
 from fineprune.distillation import Teacher
@@ -19,20 +19,11 @@ from schemas.options import SanitizeOptions
 
 def test_a_distilled_step_adds_the_teachers_cross_entropy_to_the_labels():
     """With mixing off, one SGD step on CE(y, p) + w * CE(teacher(x), p), by hand."""
-    keras.utils.set_random_seed(0)
-    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
-    teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
-    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
-    y = np.random.default_rng(1).integers(0, 3, 8)
+    inner, teacher, x, y = teaching_problem()
     kernel, bias = (w.copy() for w in inner.get_weights())
-
     k, b = tf.Variable(kernel), tf.Variable(bias)
     with tf.GradientTape() as tape:
-        p = tf.nn.softmax(x @ k + b)
-        q = teacher(x).numpy()
-        ce = -tf.reduce_mean(tf.math.log(tf.gather(p, y, batch_dims=1)))
-        distill = -tf.reduce_mean(tf.reduce_sum(q * tf.math.log(p), axis=-1))
-        loss = ce + 3.0 * distill
+        loss = taught_loss(k, b, x, y, teacher, weight=3.0)
     gk, gb = tape.gradient(loss, [k, b])
 
     trainer = Distilled(inner, Teacher(teacher, weight=3.0, mix=0.0))

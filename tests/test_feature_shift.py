@@ -15,6 +15,8 @@ from factories import (
     residual_block,
     save_npz,
     separate_activation,
+    taught_loss,
+    teaching_problem,
     textures,
     train_backdoored,
     trigger_set,
@@ -115,21 +117,13 @@ def test_reinitializing_forgets_the_head_and_keeps_its_shape():
 
 def test_the_teacher_term_is_the_cross_entropy_to_the_delivered_models_probabilities():
     """With mixing off, one step adds lambda * CE(teacher(x), student(x)) to FST's loss."""
-    keras.utils.set_random_seed(0)
-    inner = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
-    teacher = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
-    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
-    y = np.random.default_rng(1).integers(0, 3, 8)
+    inner, teacher, x, y = teaching_problem()
     original = np.random.default_rng(2).normal(size=(3, 3)).astype(np.float32)
     kernel, bias = (w.copy() for w in inner.get_weights())
 
     k, b = tf.Variable(kernel), tf.Variable(bias)
     with tf.GradientTape() as tape:
-        p = tf.nn.softmax(x @ k + b)
-        q = teacher(x).numpy()
-        ce = -tf.reduce_mean(tf.math.log(tf.gather(p, y, batch_dims=1)))
-        distill = -tf.reduce_mean(tf.reduce_sum(q * tf.math.log(p), axis=-1))
-        loss = ce + 0.5 * tf.reduce_sum(k * original) + 2.0 * distill
+        loss = taught_loss(k, b, x, y, teacher, weight=2.0) + 0.5 * tf.reduce_sum(k * original)
     gk, gb = tape.gradient(loss, [k, b])
     want_kernel = kernel - 0.1 * gk.numpy()
     want_kernel *= np.linalg.norm(original) / np.linalg.norm(want_kernel)
