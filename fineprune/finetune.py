@@ -147,8 +147,9 @@ class Distilled(TrainingWrapper):
     """Trains `inner` on its labels and on the delivered model's outputs for mixed images.
 
     Plain fine-tuning on a small clean set forgets what that set does not show; the teacher
-    covers more of the input space. Without a second signal against it (a proxy trigger), the
-    teaching also keeps a backdoor (README, "Adversarial unlearning (BAU)").
+    covers more of the input space. It also re-teaches the backdoor: 20-24 % left without a
+    proxy trigger, 9.7-52.7 % with one (README, "The proxy's accuracy cost"), so no `auto`
+    uses it.
     """
 
     def __init__(self, inner: keras.Model, teacher: Teacher) -> None:

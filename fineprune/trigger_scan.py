@@ -134,14 +134,14 @@ def scan(
         from_logits = output_kind(predict(model, x[:256])) == "logits"
     rng = np.random.default_rng(seed)
     pools = {c: rng.permutation(np.flatnonzero(y != c))[:images] for c in range(classes)}
-    if any(len(pool) == 0 for pool in pools.values()):
-        raise ValueError("the trigger scan needs clean images of at least two classes")
     checks = None
-    if check_images:
+    if check_images:  # (the draw above stays, so that recorded scans replay exactly)
         order = rng.permutation(len(y))
         fit, held = order[: len(y) // 2], order[len(y) // 2 :]
         pools = {c: fit[y[fit] != c][:images] for c in range(classes)}
         checks = {c: held[y[held] != c][:check_images] for c in range(classes)}
+    if any(len(pool) == 0 for pool in [*pools.values(), *(checks or {}).values()]):
+        raise ValueError("the trigger scan needs clean images of at least two classes")
     descend = _Descent(model, from_logits)
     relative, direction = START_RADIUS, 0
     previous: tuple[float, list, np.ndarray] | None = None
