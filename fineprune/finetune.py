@@ -121,9 +121,7 @@ class SharpnessAware(TrainingWrapper):
         x, y = data
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
-            total = loss + self.teaching(x)
+            y_pred, loss, total = self.taught_losses(x, y)
         grads = tape.gradient(total, variables)
         scaled = [
             tf.zeros_like(v) if g is None else g * tf.abs(v)
@@ -134,8 +132,7 @@ class SharpnessAware(TrainingWrapper):
         for variable, step in zip(variables, steps, strict=True):
             variable.assign_add(step)
         with tf.GradientTape() as tape:
-            sharp_loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True))
-            sharp_loss += self.teaching(x)
+            _, _, sharp_loss = self.taught_losses(x, y)
         sharp_grads = tape.gradient(sharp_loss, variables)
         for variable, step in zip(variables, steps, strict=True):
             variable.assign_sub(step)
@@ -159,9 +156,7 @@ class Distilled(TrainingWrapper):
         x, y = data
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
-            total = loss + self.teaching(x)
+            y_pred, loss, total = self.taught_losses(x, y)
         self.apply_gradients(tape.gradient(total, variables), variables)
         return self.metrics_after(loss, y, y_pred)
 

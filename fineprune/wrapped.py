@@ -29,6 +29,12 @@ class TrainingWrapper(keras.Model):
             return 0.0
         return self.teacher.loss(self, x)
 
+    def taught_losses(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Predictions, the compiled loss, and that loss plus the teacher's; inside a tape."""
+        y_pred = self(x, training=True)
+        loss = self.compute_loss(x=x, y=y, y_pred=y_pred)
+        return y_pred, loss, loss + self.teaching(x)
+
     def call(self, inputs: tf.Tensor, training: bool = False) -> tf.Tensor:
         return self.inner(inputs, training=training)
 
