@@ -109,7 +109,8 @@ class SanitizeOptions(BaseModel):
     learning_rate: float | Literal["auto"] = Field(
         "auto",
         description="Fine-tuning learning rate. 'auto': 1e-3, or 2.5e-3 when the classifier "
-        "head is frozen (freeze_head), since then only the convolutions can unlearn.",
+        "head is frozen (freeze_head) and no proxy trigger is trained on, since then only the "
+        "convolutions can unlearn; with a proxy the proxy unlearns, and 1e-3 keeps accuracy.",
     )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "cosine",

@@ -105,7 +105,9 @@ def main() -> None:
     train_rows, val_rows = stratified_split(tune.y, options.validation_fraction, seed + 1)
     train, validation = tune.take(train_rows), tune.take(val_rows)
     head = ModelGraph(pruned).downstream_layers(report.surgery.layer)
-    settings = fine_tune_settings(options, pruned, head)
+    # With a proxy, the recipe the product resolves with one (the frozen head's rate is 1e-3).
+    recipe_options = options.model_copy(update={"proxy_triggers": args.proxy_share})
+    settings = fine_tune_settings(recipe_options, pruned, head)
     proxy = None
     if args.proxy_share:
         started = time.perf_counter()
