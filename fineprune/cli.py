@@ -181,6 +181,9 @@ def sanitize(
     fst_fallback: Annotated[bool, typer.Option(help=_help("fst_fallback"))] = _default(
         "fst_fallback"
     ),
+    averaged_runs: Annotated[
+        str, typer.Option(metavar="N|auto", help=_help("averaged_runs"))
+    ] = str(_default("averaged_runs")),
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
@@ -214,6 +217,7 @@ def sanitize(
             unlearning_radius=unlearning_radius,
             distillation=_parse_auto(distillation, float, "1"),
             fst_fallback=fst_fallback,
+            averaged_runs=_parse_auto(averaged_runs, int, "3"),
             seed=seed,
         )
     except ValidationError as exc:

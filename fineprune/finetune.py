@@ -92,6 +92,11 @@ class FineTuneResult:
     frozen_layers: tuple[str, ...] = ()
     trigger_scan: ScanResult | None = None  # set by the pipeline when it scanned
     proxy_share: float = 0.0  # the share of each batch shifted by the scan's perturbation
+    seed: int = 0
+    # Set by the pipeline when several runs were averaged (fineprune.averaging): all of them,
+    # this one first, and the average's validation accuracy.
+    averaged_runs: list[FineTuneResult] = field(default_factory=list)
+    averaged_validation_accuracy: float | None = None
 
 
 class _KeepZeroed(keras.callbacks.Callback):
@@ -310,6 +315,7 @@ def fine_tune(
         learning_rate=settings.learning_rate,
         frozen_layers=settings.frozen_layers,
         proxy_share=settings.proxy_share if settings.proxy_trigger is not None else 0.0,
+        seed=settings.seed,
     )
     since_best = 0
     for epoch in range(1, settings.epochs + 1):

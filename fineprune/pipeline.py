@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fineprune.averaging import fine_tune_averaged
 from fineprune.channels import ChannelPath, count_parameters, trace_channels
 from fineprune.data import (
     LabelledData,
@@ -44,6 +45,7 @@ from schemas.report import (
     DataFile,
     EpochRecord,
     FineTuneReport,
+    FineTuneRun,
     Measurement,
     ModelFile,
     PruneDecision,
@@ -195,7 +197,12 @@ def sanitize(
                 untuned = copy_model(pruned_model)
                 delivered_accuracy = rate(model, splits.validation)
 
-            def tune(target: keras.Model, settings: FineTuneSettings) -> FineTuneResult:
+            runs = resolve_recipe(options, pruned_model, head).averaged_runs
+
+            def tune(
+                target: keras.Model, settings: FineTuneSettings, index: int = 0
+            ) -> FineTuneResult:
+                epochs = runs * settings.epochs
                 tuned = fine_tune(
                     target,
                     splits.train,
@@ -204,7 +211,9 @@ def sanitize(
                     kind,
                     zero_masks=result.zeroed_weights,
                     trigger=splits.trigger,
-                    on_epoch=lambda record: report_progress(record["epoch"] / settings.epochs),
+                    on_epoch=lambda record: report_progress(
+                        (index * settings.epochs + record["epoch"]) / epochs
+                    ),
                     should_stop=run.should_cancel,
                     teacher=teacher,
                 )
@@ -212,7 +221,13 @@ def sanitize(
                     raise CancelledError("cancelled during fine-tuning")
                 return tuned
 
-            tuning = tune(pruned_model, settings)
+            averaged = fine_tune_averaged(
+                pruned_model,
+                runs,
+                options.seed,
+                lambda target, index, seed: tune(target, replace(settings, seed=seed), index),
+            )
+            tuning = averaged[0]
             reason = _feature_shift_failed(delivered_accuracy, tuning, options)
             if untuned is not None and reason is not None:
                 # FST's failure is visible (clean accuracy), a backdoor's is not: fall back to
@@ -225,6 +240,9 @@ def sanitize(
                 )
                 tuning.fallback_reason = reason
             tuning.trigger_scan = scanned
+            if len(averaged) > 1 and tuning.fallback_reason is None:
+                tuning.averaged_runs = averaged
+                tuning.averaged_validation_accuracy = rate(pruned_model, splits.validation)
         final_metrics = pruned_metrics if tuning is None else _metrics(pruned_model, splits)
 
     with run.stage("report"):
@@ -464,7 +482,7 @@ def fine_tune_settings(
     )
 
 
-def _tuning_report(tuning) -> FineTuneReport | None:
+def _tuning_report(tuning: FineTuneResult | None) -> FineTuneReport | None:
     if tuning is None:
         return None
     return FineTuneReport(
@@ -479,6 +497,19 @@ def _tuning_report(tuning) -> FineTuneReport | None:
         epochs_run=len(tuning.history),
         best_epoch=tuning.best_epoch,
         history=[EpochRecord(**r) for r in tuning.history],
+        averaged_runs=[_run_report(r) for r in tuning.averaged_runs],
+        averaged_validation_accuracy=tuning.averaged_validation_accuracy,
+    )
+
+
+def _run_report(tuning: FineTuneResult) -> FineTuneRun:
+    kept = tuning.history[tuning.best_epoch - 1] if tuning.best_epoch else {}
+    return FineTuneRun(
+        seed=tuning.seed,
+        epochs_run=len(tuning.history),
+        best_epoch=tuning.best_epoch,
+        validation_accuracy=kept.get("val_accuracy", 0.0),
+        attack_success_rate=kept.get("attack_success_rate"),
     )
 
 

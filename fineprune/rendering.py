@@ -468,7 +468,8 @@ def _subline(report: SanitizeReport) -> str:
         if ft.selected_on == "last":
             best = "last epoch kept"
         method = "" if ft.method == "plain" else f" ({_e(ft.method)})"
-        bits.append(f"{ft.epochs_run} fine-tuning epochs{method}, {best}")
+        runs = f", {len(ft.averaged_runs)} runs averaged" if ft.averaged_runs else ""
+        bits.append(f"{ft.epochs_run} fine-tuning epochs{method}, {best}{runs}")
     return " · ".join(bits)
 
 
@@ -686,9 +687,35 @@ def _history_section(report: SanitizeReport) -> str:
             f"(distillation weight {report.options.distillation_weight:g}), to keep the clean "
             "accuracy this method would otherwise lose.</p>"
         )
+    if ft.averaged_runs:
+        intro += (
+            f"<p>{len(ft.averaged_runs)} fine-tunes from the pruned model, each with its own "
+            "shuffling and stamps, were averaged weight by weight; the epochs below are the "
+            "first run's.</p>" + _runs_table(ft)
+        )
     if not rows:
         return intro
     return intro + _table(headers, rows, numeric=range(1, len(headers)), row_classes=classes)
+
+
+def _runs_table(ft: FineTuneReport) -> str:
+    """Each averaged run at the epoch it kept, then their average."""
+    has_asr = any(run.attack_success_rate is not None for run in ft.averaged_runs)
+    headers = ["run", "seed", "epoch kept", "val accuracy"]
+    if has_asr:
+        headers.append("attack success")
+    rows = []
+    for i, run in enumerate(ft.averaged_runs, start=1):
+        row = [str(i), str(run.seed), str(run.best_epoch), _fmt_pct(run.validation_accuracy)]
+        if has_asr:
+            row.append(_fmt_pct(run.attack_success_rate))
+        rows.append(row)
+    average = ["average", "", "", _fmt_pct(ft.averaged_validation_accuracy)]
+    if has_asr:
+        average.append("")  # the sanitized model: the stages table gives it
+    rows.append(average)
+    classes = [""] * len(ft.averaged_runs) + ["hl"]
+    return _table(headers, rows, numeric=range(1, len(headers)), row_classes=classes)
 
 
 def _curve_section(report: SanitizeReport) -> str:

@@ -107,6 +107,18 @@ class TriggerScan(_Strict):
     seconds: float = Field(0.0, description="What the scan took.")
 
 
+class FineTuneRun(_Strict):
+    """One of the fine-tunes whose weights were averaged (averaged_runs)."""
+
+    seed: int = Field(description="The run's shuffling and stamping seed.")
+    epochs_run: int
+    best_epoch: int = Field(description="The epoch this run kept (1-based).")
+    validation_accuracy: float = Field(description="At the kept epoch, on the validation slice.")
+    attack_success_rate: float | None = Field(
+        None, description="At the kept epoch, on the trigger data (when given)."
+    )
+
+
 class FineTuneReport(_Strict):
     method: Literal["plain", "sharpness-aware", "feature-shift", "adversarial-unlearning"] = "plain"
     reinitialized_layer: str | None = Field(
@@ -134,6 +146,15 @@ class FineTuneReport(_Strict):
     selected_on: Literal["validation", "last"] = Field(
         "validation",
         description="How the kept epoch was chosen: best on the validation slice, or the last.",
+    )
+    averaged_runs: list[FineTuneRun] = Field(
+        default_factory=list,
+        description="When more than one fine-tune was averaged: every run, the first being the "
+        "one `history` and `best_epoch` describe. The sanitized model is their average; its "
+        "accuracy is `fine_pruned`'s.",
+    )
+    averaged_validation_accuracy: float | None = Field(
+        None, description="The average's accuracy on the validation slice (averaged runs only)."
     )
 
 

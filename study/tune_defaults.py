@@ -175,6 +175,13 @@ SCHEDULES["proxy25-drop2"] = dict(proxy_triggers=0.25, max_accuracy_drop=2.0)
 SCHEDULES["proxy25-lr1e-3-nostamps"] = dict(
     proxy_triggers=0.25, learning_rate=1e-3, synthetic_triggers=0.0
 )
+# Every schedule above ran before fine-pruning averaged three fine-tunes: pinned to one run.
+for _name, _schedule in SCHEDULES.items():
+    if _name != "default":
+        _schedule.setdefault("averaged_runs", 1)
+# The default before it averaged (the proxy and the `auto` recipe, one fine-tune), and two runs.
+SCHEDULES["one-run"] = dict(averaged_runs=1)
+SCHEDULES["averaged2"] = dict(averaged_runs=2)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
@@ -255,6 +262,8 @@ def run(
         "best_epoch": report.fine_tuning.best_epoch if report.fine_tuning else 0,
         "seconds": round(seconds, 1),
     }
+    if report.fine_tuning and report.fine_tuning.averaged_runs:
+        record["averaged_runs"] = [run.model_dump() for run in report.fine_tuning.averaged_runs]
     if report.fine_tuning and report.fine_tuning.trigger_scan:
         record["scan"] = report.fine_tuning.trigger_scan.model_dump()
     with out.open("a") as f:

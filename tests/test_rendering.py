@@ -19,6 +19,7 @@ from schemas.report import (
     DataFile,
     EpochRecord,
     FineTuneReport,
+    FineTuneRun,
     Measurement,
     ModelFile,
     PruneDecision,
@@ -135,6 +136,17 @@ def make_report(
             learning_rate=2.5e-3,
             synthetic_triggers=0.5,
             frozen_layers=["dropout", "flatten", f"{layer}_head"],
+            averaged_runs=[
+                FineTuneRun(
+                    seed=1000 * i,
+                    epochs_run=6,
+                    best_epoch=5 - i,
+                    validation_accuracy=0.981 - i / 100,
+                    attack_success_rate=0.011 * (i + 1) if with_asr else None,
+                )
+                for i in range(3)
+            ],
+            averaged_validation_accuracy=0.987,
         )
         if fine_tune
         else None,
@@ -228,6 +240,9 @@ def test_html_headline_and_numbers(report: SanitizeReport, tmp_path: Path) -> No
     assert "fine_tune" in text and "64.0 s" in text
     assert "Learning rate 0.0025; 50% of each batch stamped with synthetic triggers" in text
     assert "kept as delivered (dropout, flatten, conv2d_3_head)" in text
+    assert "3 runs averaged" in text and "3 fine-tunes from the pruned model" in text
+    assert re.search(r"3\s*2000\s*3\s*96\.1 %\s*3\.3 %", text)  # the third run's row
+    assert re.search(r"average\s*98\.7 %", text)
     # The embedded image is the PNG we rendered, byte for byte.
     match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert match is not None

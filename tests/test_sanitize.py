@@ -79,6 +79,13 @@ def test_fine_pruning_removes_the_backdoor_and_keeps_accuracy(files, tmp_path: P
     assert all(p.tune_accuracy < threshold for p in report.curve[report.decision.pruned + 1 : -1])
     assert report.splits.tune + report.splits.evaluation == 600
     assert report.fine_tuning is not None and report.fine_tuning.epochs_run >= 1
+    # Three fine-tunes averaged, each listed with what it kept and its attack success there.
+    runs = report.fine_tuning.averaged_runs
+    assert [run.seed for run in runs] == [0, 1000, 2000]
+    assert runs[0].best_epoch == report.fine_tuning.best_epoch
+    assert all(1 <= run.best_epoch <= run.epochs_run for run in runs)
+    assert all(run.attack_success_rate is not None for run in runs)
+    assert report.fine_tuning.averaged_validation_accuracy is not None
     assert set(report.timings) == {"load", "profile", "cut", "fine-tune", "report"}
     finished = list(dict.fromkeys(s for s, f in stages if f == 1.0))
     assert finished == ["load", "profile", "cut", "fine-tune", "report"]
@@ -208,6 +215,7 @@ def test_cli_help_explains_every_option():
         "--distillation",
         "--synthetic-triggers",
         "--freeze-head",
+        "--averaged-runs",
         "--json",
     ):
         assert option in done.stdout

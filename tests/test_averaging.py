@@ -1,0 +1,112 @@
+"""Averaged fine-tunes: the mean by hand, every run from one start, and the option's limits."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from factories import sequential_bn_flatten, textures
+
+from fineprune.averaging import average_weights, fine_tune_averaged
+from fineprune.data import LabelledData
+from fineprune.finetune import FineTuneResult, FineTuneSettings, fine_tune
+from fineprune.graph import ModelGraph
+from fineprune.recipe import AVERAGED_RUNS, resolve_recipe
+from schemas.options import SanitizeOptions
+
+
+def test_average_weights_is_the_element_wise_mean_in_the_runs_dtype():
+    a = [np.array([[1.0, 2.0]], np.float32), np.array([0], np.int64)]
+    b = [np.array([[3.0, 6.0]], np.float32), np.array([4], np.int64)]
+    mean = average_weights([a, b])
+    np.testing.assert_array_equal(mean[0], [[2.0, 4.0]])
+    assert mean[0].dtype == np.float32 and mean[1].dtype == np.int64 and mean[1][0] == 2
+    # What every run left alone stays bit for bit (a float32 mean of three would round).
+    frozen = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    np.testing.assert_array_equal(average_weights([[frozen]] * 3)[0], frozen)
+    with pytest.raises(ValueError, match="one architecture"):
+        average_weights([a, [np.zeros((2, 1), np.float32), b[1]]])
+    with pytest.raises(ValueError, match="nothing to average"):
+        average_weights([])
+
+
+def _settings(seed: int) -> FineTuneSettings:
+    return FineTuneSettings(
+        epochs=2,
+        learning_rate=1e-2,
+        optimizer="adam",
+        lr_schedule="constant",
+        batch_size=32,
+        augment=False,
+        patience=5,
+        freeze_batchnorm=True,
+        seed=seed,
+    )
+
+
+def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean():
+    x, y = textures(160, seed=1)
+    train, validation = LabelledData(x[:128], y[:128]), LabelledData(x[128:], y[128:])
+    model = sequential_bn_flatten(seed=3)
+    start = model.get_weights()
+    starts: list[list[np.ndarray]] = []
+    ends: list[list[np.ndarray]] = []
+    seeds: list[int] = []
+
+    def tune_once(target: keras.Model, run: int, seed: int) -> FineTuneResult:
+        assert run == len(seeds)
+        seeds.append(seed)
+        starts.append(target.get_weights())
+        result = fine_tune(target, train, validation, _settings(seed), "probabilities")
+        ends.append(target.get_weights())
+        return result
+
+    results = fine_tune_averaged(model, 3, 7, tune_once)
+    assert seeds == [7, 1007, 2007] and [r.seed for r in results] == seeds
+    for weights in starts:
+        for got, want in zip(weights, start, strict=True):
+            np.testing.assert_array_equal(got, want)
+    # The runs differ (their own shuffles), and the model holds exactly their mean.
+    assert not np.allclose(ends[0][0], ends[1][0])
+    for i, got in enumerate(model.get_weights()):
+        np.testing.assert_allclose(got, np.mean([e[i] for e in ends], axis=0), rtol=1e-6, atol=1e-7)
+
+
+def test_one_run_is_plain_fine_tuning_of_the_model_itself():
+    model = sequential_bn_flatten(seed=3)
+    trained: list[keras.Model] = []
+
+    def tune_once(target: keras.Model, run: int, seed: int) -> FineTuneResult:
+        trained.append(target)
+        return FineTuneResult(model=target, seed=seed)
+
+    assert [r.seed for r in fine_tune_averaged(model, 1, 4, tune_once)] == [4]
+    assert trained == [model]
+    with pytest.raises(ValueError, match="at least 1"):
+        fine_tune_averaged(model, 0, 4, tune_once)
+
+
+def test_auto_averages_fine_pruning_only():
+    model = sequential_bn_flatten()
+    head = ModelGraph(model).downstream_layers("conv2")
+    assert resolve_recipe(SanitizeOptions(), model, head).averaged_runs == AVERAGED_RUNS > 1
+    for defense in ("fine-tuning", "ft-sam", "fine-pruning-sam", "bau", "fine-pruning-fst"):
+        options = SanitizeOptions(defense=defense)
+        assert resolve_recipe(options, model, head).averaged_runs == 1
+    assert resolve_recipe(SanitizeOptions(averaged_runs=2), model, head).averaged_runs == 2
+    options = SanitizeOptions(defense="ft-sam", averaged_runs=4)
+    assert resolve_recipe(options, model, head).averaged_runs == 4
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"averaged_runs": 0}, "averaged_runs must be"),
+        ({"averaged_runs": 17}, "averaged_runs must be"),
+        ({"averaged_runs": 2, "defense": "fst"}, "share a start"),
+        ({"averaged_runs": 2, "defense": "pruning"}, "needs a defense that fine-tunes"),
+    ],
+)
+def test_options_refuse_runs_that_cannot_be_averaged(bad: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        SanitizeOptions(**bad)
