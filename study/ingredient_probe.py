@@ -81,6 +81,11 @@ def main() -> None:
         help="shift this share of each batch by the delivered model's scanned proxy trigger",
     )
     parser.add_argument("--first-seed", type=int, default=0, help="index of the first ingredient")
+    parser.add_argument(
+        "--extrapolate",
+        default="",
+        help="comma-separated t: also measure pruned + t (soup - pruned) for the full soup",
+    )
     parser.add_argument("--results", default="ingredient-probe.jsonl")
     args = parser.parse_args()
     seed = args.seed if args.defense_seed is None else args.defense_seed
@@ -171,6 +176,12 @@ def main() -> None:
     record["seconds"] = round(time.perf_counter() - started)
     for k in range(2, len(tuned) + 1):
         record[f"soup{k}"] = measure(soup(tuned[:k]))
+    if args.extrapolate:
+        full, start = soup(tuned).get_weights(), pruned.get_weights()
+        for t in (float(v) for v in args.extrapolate.split(",")):
+            moved = copy_model(pruned)
+            moved.set_weights([a + t * (b - a) for a, b in zip(start, full, strict=True)])
+            record[f"soup{len(tuned)}_t{t:g}"] = measure(moved)
     with (RESULTS / args.results).open("a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
