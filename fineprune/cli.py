@@ -184,6 +184,9 @@ def sanitize(
     averaged_runs: Annotated[
         str, typer.Option(metavar="N|auto", help=_help("averaged_runs"))
     ] = str(_default("averaged_runs")),
+    extrapolation: Annotated[
+        str, typer.Option(metavar="T|auto", help=_help("extrapolation"))
+    ] = str(_default("extrapolation")),
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
@@ -218,6 +221,7 @@ def sanitize(
             distillation=_parse_auto(distillation, float, "1"),
             fst_fallback=fst_fallback,
             averaged_runs=_parse_auto(averaged_runs, int, "3"),
+            extrapolation=_parse_auto(extrapolation, float, "1.25"),
             seed=seed,
         )
     except ValidationError as exc:

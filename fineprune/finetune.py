@@ -97,6 +97,7 @@ class FineTuneResult:
     # this one first, and the average's validation accuracy.
     averaged_runs: list[FineTuneResult] = field(default_factory=list)
     averaged_validation_accuracy: float | None = None
+    extrapolation: float = 1.0  # the step taken along the average's change (fineprune.averaging)
 
 
 class _KeepZeroed(keras.callbacks.Callback):

@@ -197,7 +197,8 @@ def sanitize(
                 untuned = copy_model(pruned_model)
                 delivered_accuracy = rate(model, splits.validation)
 
-            runs = resolve_recipe(options, pruned_model, head).averaged_runs
+            recipe = resolve_recipe(options, pruned_model, head)
+            runs = recipe.averaged_runs
 
             def tune(
                 target: keras.Model, settings: FineTuneSettings, index: int = 0
@@ -226,6 +227,7 @@ def sanitize(
                 runs,
                 options.seed,
                 lambda target, index, seed: tune(target, replace(settings, seed=seed), index),
+                recipe.extrapolation,
             )
             tuning = averaged[0]
             reason = _feature_shift_failed(delivered_accuracy, tuning, options)
@@ -240,9 +242,11 @@ def sanitize(
                 )
                 tuning.fallback_reason = reason
             tuning.trigger_scan = scanned
-            if len(averaged) > 1 and tuning.fallback_reason is None:
-                tuning.averaged_runs = averaged
-                tuning.averaged_validation_accuracy = rate(pruned_model, splits.validation)
+            if tuning.fallback_reason is None:
+                tuning.extrapolation = recipe.extrapolation
+                if len(averaged) > 1:
+                    tuning.averaged_runs = averaged
+                    tuning.averaged_validation_accuracy = rate(pruned_model, splits.validation)
         final_metrics = pruned_metrics if tuning is None else _metrics(pruned_model, splits)
 
     with run.stage("report"):
@@ -499,6 +503,7 @@ def _tuning_report(tuning: FineTuneResult | None) -> FineTuneReport | None:
         history=[EpochRecord(**r) for r in tuning.history],
         averaged_runs=[_run_report(r) for r in tuning.averaged_runs],
         averaged_validation_accuracy=tuning.averaged_validation_accuracy,
+        extrapolation=tuning.extrapolation,
     )
 
 

@@ -688,10 +688,15 @@ def _history_section(report: SanitizeReport) -> str:
             "accuracy this method would otherwise lose.</p>"
         )
     if ft.averaged_runs:
+        step = (
+            ""
+            if ft.extrapolation == 1.0
+            else f", and the pruned model moved {ft.extrapolation:g} times the average's change"
+        )
         intro += (
             f"<p>{len(ft.averaged_runs)} fine-tunes from the pruned model, each with its own "
-            "shuffling and stamps, were averaged weight by weight; the epochs below are the "
-            "first run's.</p>" + _runs_table(ft)
+            f"shuffling and stamps, were averaged weight by weight{step}; the epochs below are "
+            "the first run's.</p>" + _runs_table(ft)
         )
     if not rows:
         return intro
@@ -710,7 +715,8 @@ def _runs_table(ft: FineTuneReport) -> str:
         if has_asr:
             row.append(_fmt_pct(run.attack_success_rate))
         rows.append(row)
-    average = ["average", "", "", _fmt_pct(ft.averaged_validation_accuracy)]
+    label = "average" if ft.extrapolation == 1.0 else f"average, stepped {ft.extrapolation:g}"
+    average = [label, "", "", _fmt_pct(ft.averaged_validation_accuracy)]
     if has_asr:
         average.append("")  # the sanitized model: the stages table gives it
     rows.append(average)

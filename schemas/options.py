@@ -209,6 +209,13 @@ class SanitizeOptions(BaseModel):
         "and their average keeps what they share. The report lists every run. 'auto': 3 for "
         "fine-pruning, 1 for the others.",
     )
+    extrapolation: float | Literal["auto"] = Field(
+        "auto",
+        description="Fine-tuning defenses: the sanitized weights are the pruned model's plus "
+        "this many times the change the averaged runs made (1: the average itself; above 1: "
+        "past it, along the change the runs agree on, which unlearns what averaging gave "
+        "back). 'auto': 1.25 when more than one run is averaged, 1 otherwise.",
+    )
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="Seed for the data split, shuffling and augmentation."
     )
@@ -227,6 +234,13 @@ class SanitizeOptions(BaseModel):
     def _runs_range(cls, value: int | str) -> int | str:
         if value != "auto" and not 1 <= value <= 16:
             raise ValueError("averaged_runs must be 'auto' or a count in [1, 16]")
+        return value
+
+    @field_validator("extrapolation")
+    @classmethod
+    def _extrapolation_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 < value <= 4.0:
+            raise ValueError("extrapolation must be 'auto' or a step in (0, 4]")
         return value
 
     @field_validator("learning_rate")
@@ -271,8 +285,15 @@ class SanitizeOptions(BaseModel):
                 f"averaged_runs needs runs that share a start; {self.defense!r} re-initializes "
                 "the classifier differently in each"
             )
+        if self.extrapolation not in ("auto", 1.0) and self.defense in FEATURE_SHIFT_DEFENSES:
+            raise ValueError(
+                f"extrapolation needs a start to step away from; {self.defense!r} replaces the "
+                "classifier it would step from"
+            )
         if self.averaged_runs not in ("auto", 1) and self.defense not in TUNING_DEFENSES:
             raise ValueError(f"averaged_runs needs a defense that fine-tunes, not {self.defense!r}")
+        if self.extrapolation not in ("auto", 1.0) and self.defense not in TUNING_DEFENSES:
+            raise ValueError(f"extrapolation needs a defense that fine-tunes, not {self.defense!r}")
         if self.relative_learning_rate and self.optimizer != "adam":
             raise ValueError("relative_learning_rate needs optimizer 'adam'")
         return self

@@ -154,7 +154,14 @@ class FineTuneReport(_Strict):
         "accuracy is `fine_pruned`'s.",
     )
     averaged_validation_accuracy: float | None = Field(
-        None, description="The average's accuracy on the validation slice (averaged runs only)."
+        None,
+        description="The sanitized weights' accuracy on the validation slice (averaged runs "
+        "only): the average, stepped by `extrapolation`.",
+    )
+    extrapolation: float = Field(
+        1.0,
+        description="The sanitized weights are the pruned model's plus this many times the "
+        "change the runs made on average ('auto' resolved; 1: the average itself).",
     )
 
 

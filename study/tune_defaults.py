@@ -27,8 +27,10 @@ import numpy as np
 
 from fineprune.architectures import seed_cnn, small_resnet
 from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered
+from fineprune.averaging import extrapolate
 from fineprune.pipeline import Inputs, sanitize
 from schemas.options import SanitizeOptions
+from schemas.report import SanitizeReport
 from study.gtsrb import GO_STRAIGHT_OR_RIGHT, load
 from study.training import train
 
@@ -179,8 +181,11 @@ SCHEDULES["proxy25-lr1e-3-nostamps"] = dict(
 for _name, _schedule in SCHEDULES.items():
     if _name != "default":
         _schedule.setdefault("averaged_runs", 1)
-# The default before it averaged (the proxy and the `auto` recipe, one fine-tune), and two runs.
+        _schedule.setdefault("extrapolation", 1.0)
+# The default before it averaged (the proxy and the `auto` recipe, one fine-tune); three runs
+# averaged without the step past their average (as `default` first ran), and two runs.
 SCHEDULES["one-run"] = dict(averaged_runs=1)
+SCHEDULES["averaged3-t1"] = dict(averaged_runs=3, extrapolation=1.0)
 SCHEDULES["averaged2"] = dict(averaged_runs=2)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
@@ -216,6 +221,43 @@ def evaluate(model_path: Path, trigger: str) -> tuple[float, float]:
     return clean, asr
 
 
+def other_steps(
+    inputs: Inputs,
+    tmp: Path,
+    options: SanitizeOptions,
+    report: SanitizeReport,
+    trigger: str,
+    steps: list[float],
+) -> dict[str, tuple[float, float]]:
+    """Test accuracy and attack success of the same averaged runs stepped `steps` instead.
+
+    The pruned start is cut again by the product (defense `pruning`, same seed and rule: the
+    same split, profile and channels, checked); the averaged change is read off the sanitized
+    model, so no fine-tune runs twice.
+    """
+    cut = SanitizeOptions(
+        defense="pruning", seed=options.seed, max_accuracy_drop=options.max_accuracy_drop
+    )
+    pruned_report = sanitize(inputs, tmp / "cut", cut)
+    assert report.surgery is not None and pruned_report.surgery is not None
+    if pruned_report.surgery.removed_channels != report.surgery.removed_channels:
+        return {}
+    pruned = keras.models.load_model(tmp / "cut" / "sanitized.keras", compile=False)
+    sanitized = keras.models.load_model(tmp / "out" / "sanitized.keras", compile=False)
+    movable = [variable.trainable for variable in pruned.weights]
+    used = report.fine_tuning.extrapolation
+    start, end = pruned.get_weights(), sanitized.get_weights()
+    measured = {}
+    for step in steps:
+        # Back to the average (1 / used), then out to `step`.
+        pruned.set_weights(extrapolate(start, end, step / used, movable))
+        path = tmp / f"step-{step:g}.keras"
+        pruned.save(path)
+        clean, asr = evaluate(path, trigger)
+        measured[f"{step:g}"] = (clean, asr)
+    return measured
+
+
 def run(
     arch: str,
     trigger: str,
@@ -224,6 +266,7 @@ def run(
     epochs: int,
     out: Path,
     defense_seed: int | None = None,
+    extrapolations: list[float] | None = None,
 ) -> dict:
     """One sanitize of one victim; `defense_seed` (default: the victim's) seeds the defense."""
     model_path = victim(arch, trigger, seed, epochs)
@@ -244,6 +287,11 @@ def run(
         seconds = time.perf_counter() - started
         base_clean, base_asr = evaluate(model_path, trigger)
         final_clean, final_asr = evaluate(Path(tmp) / "out" / "sanitized.keras", trigger)
+        steps = {}
+        if extrapolations and report.fine_tuning and report.fine_tuning.averaged_runs:
+            steps = other_steps(
+                Inputs(model_path, clean), Path(tmp), options, report, trigger, extrapolations
+            )
     record = {
         "arch": arch,
         "trigger": trigger,
@@ -264,6 +312,9 @@ def run(
     }
     if report.fine_tuning and report.fine_tuning.averaged_runs:
         record["averaged_runs"] = [run.model_dump() for run in report.fine_tuning.averaged_runs]
+        record["extrapolation"] = report.fine_tuning.extrapolation
+    if steps:
+        record["other_extrapolations"] = steps
     if report.fine_tuning and report.fine_tuning.trigger_scan:
         record["scan"] = report.fine_tuning.trigger_scan.model_dump()
     with out.open("a") as f:
@@ -281,6 +332,10 @@ def main() -> None:
     parser.add_argument("--triggers", default=",".join(TRIGGERS))
     parser.add_argument("--victims-only", action="store_true", help="Only train the victims.")
     parser.add_argument("--results", help="JSON lines file name under docs/experiments/")
+    parser.add_argument(
+        "--also-extrapolations",
+        help="comma-separated steps: averaged schedules also measure their runs stepped so",
+    )
     parser.add_argument("--seed", type=int, help="victims' training seed (default: by phase)")
     parser.add_argument(
         "--defense-seeds", help="comma-separated seeds of the defense (default: the victim's)"
@@ -296,6 +351,9 @@ def main() -> None:
             done.add((*key, r.get("defense_seed", r["seed"])))
     seed = args.seed if args.seed is not None else (0 if args.phase == "tune" else 1)
     defense_seeds = [int(v) for v in args.defense_seeds.split(",")] if args.defense_seeds else []
+    extrapolations = (
+        [float(v) for v in args.also_extrapolations.split(",")] if args.also_extrapolations else []
+    )
     explicit = args.schedules != ",".join(SCHEDULES)
     schedules = args.schedules.split(",") if args.phase == "tune" or explicit else ["default"]
     for arch in args.archs.split(","):
@@ -307,7 +365,16 @@ def main() -> None:
                 for schedule in schedules:
                     if (arch, trigger, seed, schedule, defense_seed) in done:
                         continue
-                    run(arch, trigger, seed, schedule, args.victim_epochs, out, defense_seed)
+                    run(
+                        arch,
+                        trigger,
+                        seed,
+                        schedule,
+                        args.victim_epochs,
+                        out,
+                        defense_seed,
+                        extrapolations,
+                    )
 
 
 if __name__ == "__main__":

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import keras
 import numpy as np
 import pytest
 from factories import sequential_bn_flatten, textures
 
-from fineprune.averaging import average_weights, fine_tune_averaged
+from fineprune.averaging import average_weights, extrapolate, fine_tune_averaged
 from fineprune.data import LabelledData
 from fineprune.finetune import FineTuneResult, FineTuneSettings, fine_tune
 from fineprune.graph import ModelGraph
-from fineprune.recipe import AVERAGED_RUNS, resolve_recipe
+from fineprune.recipe import AVERAGED_EXTRAPOLATION, AVERAGED_RUNS, resolve_recipe
 from schemas.options import SanitizeOptions
 
 
@@ -30,6 +32,19 @@ def test_average_weights_is_the_element_wise_mean_in_the_runs_dtype():
         average_weights([])
 
 
+def test_extrapolate_steps_the_movable_weights_and_keeps_the_statistics():
+    start = [np.array([1.0, 2.0], np.float32), np.array([4.0], np.float32), np.ones(3, np.float32)]
+    end = [np.array([3.0, 2.0], np.float32), np.array([1.0], np.float32), np.ones(3, np.float32)]
+    stepped = extrapolate(start, end, 1.5, [True, False, True])
+    np.testing.assert_array_equal(stepped[0], [4.0, 2.0])  # 1 + 1.5 * 2, and 2 unchanged
+    np.testing.assert_array_equal(stepped[1], [1.0])  # a statistic: the average, not 4 - 4.5
+    np.testing.assert_array_equal(stepped[2], start[2])
+    assert stepped[0].dtype == np.float32
+    assert all(a is b for a, b in zip(extrapolate(start, end, 1.0, [True] * 3), end, strict=True))
+    with pytest.raises(ValueError, match="same weights"):
+        extrapolate(start, end[:2], 1.5, [True] * 3)
+
+
 def _settings(seed: int) -> FineTuneSettings:
     return FineTuneSettings(
         epochs=2,
@@ -44,7 +59,8 @@ def _settings(seed: int) -> FineTuneSettings:
     )
 
 
-def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean():
+@pytest.mark.parametrize("step", [1.0, 1.25])
+def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean(step: float):
     x, y = textures(160, seed=1)
     train, validation = LabelledData(x[:128], y[:128]), LabelledData(x[128:], y[128:])
     model = sequential_bn_flatten(seed=3)
@@ -57,19 +73,30 @@ def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean():
         assert run == len(seeds)
         seeds.append(seed)
         starts.append(target.get_weights())
-        result = fine_tune(target, train, validation, _settings(seed), "probabilities")
+        # BatchNorm trains, so its moving statistics move too (and must not be stepped).
+        settings = replace(_settings(seed), freeze_batchnorm=False)
+        result = fine_tune(target, train, validation, settings, "probabilities")
         ends.append(target.get_weights())
         return result
 
-    results = fine_tune_averaged(model, 3, 7, tune_once)
+    results = fine_tune_averaged(model, 3, 7, tune_once, extrapolation=step)
     assert seeds == [7, 1007, 2007] and [r.seed for r in results] == seeds
     for weights in starts:
         for got, want in zip(weights, start, strict=True):
             np.testing.assert_array_equal(got, want)
-    # The runs differ (their own shuffles), and the model holds exactly their mean.
+    # The runs differ (their own shuffles); the model holds their mean, stepped `step` times
+    # its change from the start for what trains, and the plain mean for the statistics.
     assert not np.allclose(ends[0][0], ends[1][0])
-    for i, got in enumerate(model.get_weights()):
-        np.testing.assert_allclose(got, np.mean([e[i] for e in ends], axis=0), rtol=1e-6, atol=1e-7)
+    statistics = 0
+    for i, (got, variable) in enumerate(zip(model.get_weights(), model.weights, strict=True)):
+        mean = np.mean([e[i] for e in ends], axis=0)
+        if "moving" in variable.path:
+            statistics += 1
+            assert not np.array_equal(mean, start[i])
+        else:
+            mean = start[i] + step * (mean - start[i])
+        np.testing.assert_allclose(got, mean, rtol=1e-6, atol=1e-6)
+    assert statistics == 4
 
 
 def test_one_run_is_plain_fine_tuning_of_the_model_itself():
@@ -96,6 +123,13 @@ def test_auto_averages_fine_pruning_only():
     assert resolve_recipe(SanitizeOptions(averaged_runs=2), model, head).averaged_runs == 2
     options = SanitizeOptions(defense="ft-sam", averaged_runs=4)
     assert resolve_recipe(options, model, head).averaged_runs == 4
+    # The step past the average comes with averaging, unless asked for.
+    assert resolve_recipe(SanitizeOptions(), model, head).extrapolation == AVERAGED_EXTRAPOLATION
+    assert resolve_recipe(SanitizeOptions(averaged_runs=1), model, head).extrapolation == 1.0
+    assert resolve_recipe(options, model, head).extrapolation == AVERAGED_EXTRAPOLATION
+    assert resolve_recipe(SanitizeOptions(defense="bau"), model, head).extrapolation == 1.0
+    options = SanitizeOptions(averaged_runs=1, extrapolation=1.5)
+    assert resolve_recipe(options, model, head).extrapolation == 1.5
 
 
 @pytest.mark.parametrize(
@@ -105,6 +139,10 @@ def test_auto_averages_fine_pruning_only():
         ({"averaged_runs": 17}, "averaged_runs must be"),
         ({"averaged_runs": 2, "defense": "fst"}, "share a start"),
         ({"averaged_runs": 2, "defense": "pruning"}, "needs a defense that fine-tunes"),
+        ({"extrapolation": 0.0}, "extrapolation must be"),
+        ({"extrapolation": 4.5}, "extrapolation must be"),
+        ({"extrapolation": 1.5, "defense": "fine-pruning-fst"}, "a start to step away from"),
+        ({"extrapolation": 1.5, "defense": "pruning"}, "needs a defense that fine-tunes"),
     ],
 )
 def test_options_refuse_runs_that_cannot_be_averaged(bad: dict, message: str):

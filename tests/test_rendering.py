@@ -147,6 +147,7 @@ def make_report(
                 for i in range(3)
             ],
             averaged_validation_accuracy=0.987,
+            extrapolation=1.25,
         )
         if fine_tune
         else None,
@@ -242,7 +243,8 @@ def test_html_headline_and_numbers(report: SanitizeReport, tmp_path: Path) -> No
     assert "kept as delivered (dropout, flatten, conv2d_3_head)" in text
     assert "3 runs averaged" in text and "3 fine-tunes from the pruned model" in text
     assert re.search(r"3\s*2000\s*3\s*96\.1 %\s*3\.3 %", text)  # the third run's row
-    assert re.search(r"average\s*98\.7 %", text)
+    assert "moved 1.25 times the average's change" in text
+    assert re.search(r"average, stepped 1\.25\s*98\.7 %", text)
     # The embedded image is the PNG we rendered, byte for byte.
     match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert match is not None

@@ -86,6 +86,7 @@ def test_fine_pruning_removes_the_backdoor_and_keeps_accuracy(files, tmp_path: P
     assert all(1 <= run.best_epoch <= run.epochs_run for run in runs)
     assert all(run.attack_success_rate is not None for run in runs)
     assert report.fine_tuning.averaged_validation_accuracy is not None
+    assert report.fine_tuning.extrapolation == 1.25
     assert set(report.timings) == {"load", "profile", "cut", "fine-tune", "report"}
     finished = list(dict.fromkeys(s for s, f in stages if f == 1.0))
     assert finished == ["load", "profile", "cut", "fine-tune", "report"]
@@ -216,6 +217,7 @@ def test_cli_help_explains_every_option():
         "--synthetic-triggers",
         "--freeze-head",
         "--averaged-runs",
+        "--extrapolation",
         "--json",
     ):
         assert option in done.stdout
