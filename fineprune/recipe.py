@@ -10,8 +10,8 @@ the only part still learning, unlearn the backdoor. A model that pools globally 
 unlearning in a second ten epochs at no cost in accuracy, so it gets twenty. With the trigger
 scan's proxy on part of each batch the proxy does the unlearning, and the frozen head's higher
 rate only cost accuracy (README, "The proxy's accuracy cost"): 1e-3 then. What accuracy those
-runs still lost was the luck of one fine-tune; fine-pruning averages three and steps a quarter
-past their average (README, "Averaging fine-tunes").
+runs still lost was the luck of one fine-tune: with the head frozen, fine-pruning averages three
+and steps a quarter past their average (README, "Averaging fine-tunes").
 """
 
 from __future__ import annotations
@@ -86,12 +86,14 @@ def resolve_recipe(options: SanitizeOptions, model: keras.Model, head: list[str]
     epochs = options.epochs
     if epochs == "auto":
         epochs = POOLED_EPOCHS if pools and plain_fine_pruning else AUTOMATIC_EPOCHS
+    # Measured with the head frozen: a model that pools globally and trains whole gained
+    # nothing from three runs, and the step past their average cost it (README).
     runs = options.averaged_runs
     if runs == "auto":
-        runs = AVERAGED_RUNS if plain_fine_pruning else 1
+        runs = AVERAGED_RUNS if plain_fine_pruning and frozen else 1
     step = options.extrapolation
     if step == "auto":
-        step = AVERAGED_EXTRAPOLATION if runs > 1 else 1.0
+        step = AVERAGED_EXTRAPOLATION if runs > 1 and frozen else 1.0
     return Recipe(
         averaged_runs=runs,
         extrapolation=step,

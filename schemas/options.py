@@ -207,14 +207,16 @@ class SanitizeOptions(BaseModel):
         "with its own shuffling and stamps, and keep the average of their weights (a uniform "
         "model soup): runs on a small clean set scatter in accuracy on the rest of the task, "
         "and their average keeps what they share. The report lists every run. 'auto': 3 for "
-        "fine-pruning, 1 for the others.",
+        "fine-pruning with the head kept as delivered (freeze_head), 1 otherwise.",
     )
     extrapolation: float | Literal["auto"] = Field(
         "auto",
         description="Fine-tuning defenses: the sanitized weights are the pruned model's plus "
         "this many times the change the averaged runs made (1: the average itself; above 1: "
         "past it, along the change the runs agree on, which unlearns what averaging gave "
-        "back). 'auto': 1.25 when more than one run is averaged, 1 otherwise.",
+        "back). 'auto': 1.25 when more than one run is averaged with the head kept as "
+        "delivered, 1 otherwise (a model that trains whole lost accuracy and let a backdoor "
+        "back past its average).",
     )
     seed: int = Field(
         0, ge=0, le=2**32 - 1, description="Seed for the data split, shuffling and augmentation."

@@ -186,6 +186,8 @@ for _name, _schedule in SCHEDULES.items():
 # averaged without the step past their average (as `default` first ran), and two runs.
 SCHEDULES["one-run"] = dict(averaged_runs=1)
 SCHEDULES["averaged3-t1"] = dict(averaged_runs=3, extrapolation=1.0)
+# What `auto` meant for every model before it averaged only under a frozen head.
+SCHEDULES["averaged3-t1.25"] = dict(averaged_runs=3, extrapolation=1.25)
 SCHEDULES["averaged2"] = dict(averaged_runs=2)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1

@@ -7,7 +7,7 @@ from dataclasses import replace
 import keras
 import numpy as np
 import pytest
-from factories import sequential_bn_flatten, textures
+from factories import residual_block, sequential_bn_flatten, textures
 
 from fineprune.averaging import average_weights, extrapolate, fine_tune_averaged
 from fineprune.data import LabelledData
@@ -113,7 +113,7 @@ def test_one_run_is_plain_fine_tuning_of_the_model_itself():
         fine_tune_averaged(model, 0, 4, tune_once)
 
 
-def test_auto_averages_fine_pruning_only():
+def test_auto_averages_fine_pruning_with_a_frozen_head_only():
     model = sequential_bn_flatten()
     head = ModelGraph(model).downstream_layers("conv2")
     assert resolve_recipe(SanitizeOptions(), model, head).averaged_runs == AVERAGED_RUNS > 1
@@ -123,13 +123,24 @@ def test_auto_averages_fine_pruning_only():
     assert resolve_recipe(SanitizeOptions(averaged_runs=2), model, head).averaged_runs == 2
     options = SanitizeOptions(defense="ft-sam", averaged_runs=4)
     assert resolve_recipe(options, model, head).averaged_runs == 4
-    # The step past the average comes with averaging, unless asked for.
+    # The step past the average comes with averaging under a frozen head, unless asked for.
     assert resolve_recipe(SanitizeOptions(), model, head).extrapolation == AVERAGED_EXTRAPOLATION
     assert resolve_recipe(SanitizeOptions(averaged_runs=1), model, head).extrapolation == 1.0
-    assert resolve_recipe(options, model, head).extrapolation == AVERAGED_EXTRAPOLATION
+    assert resolve_recipe(options, model, head).extrapolation == 1.0  # its head trains
     assert resolve_recipe(SanitizeOptions(defense="bau"), model, head).extrapolation == 1.0
     options = SanitizeOptions(averaged_runs=1, extrapolation=1.5)
     assert resolve_recipe(options, model, head).extrapolation == 1.5
+
+
+def test_a_model_that_pools_globally_runs_once_and_is_not_stepped_unless_asked():
+    model = residual_block()
+    head = ModelGraph(model).downstream_layers("res_conv")
+    recipe = resolve_recipe(SanitizeOptions(), model, head)
+    assert not recipe.frozen_layers and recipe.averaged_runs == 1 and recipe.extrapolation == 1.0
+    recipe = resolve_recipe(SanitizeOptions(averaged_runs=3), model, head)
+    assert recipe.averaged_runs == 3 and recipe.extrapolation == 1.0
+    recipe = resolve_recipe(SanitizeOptions(averaged_runs=3, extrapolation=1.25), model, head)
+    assert recipe.extrapolation == 1.25
 
 
 @pytest.mark.parametrize(
