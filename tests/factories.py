@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune.data import LabelledData
+from fineprune.finetune import FineTuneSettings
 
 SIZE = 16
 CLASSES = 4
@@ -221,3 +222,19 @@ def taught_loss(kernel, bias, x: np.ndarray, y: np.ndarray, teacher: keras.Model
     q = teacher(x).numpy()
     labels = -tf.reduce_mean(tf.math.log(tf.gather(p, y, batch_dims=1)))
     return labels - weight * tf.reduce_mean(tf.reduce_sum(q * tf.math.log(p), axis=-1))
+
+
+def tuning_settings(**changes: object) -> FineTuneSettings:
+    """Plain fine-tuning at a constant 1e-3, BatchNorm frozen; `changes` override any field."""
+    settings: dict[str, object] = dict(
+        epochs=1,
+        learning_rate=1e-3,
+        optimizer="adam",
+        lr_schedule="constant",
+        batch_size=32,
+        augment=False,
+        patience=1,
+        freeze_batchnorm=True,
+        seed=0,
+    )
+    return FineTuneSettings(**{**settings, **changes})

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import keras
 import numpy as np
 import pytest
-from factories import residual_block, sequential_bn_flatten, textures
+from factories import residual_block, sequential_bn_flatten, textures, tuning_settings
 
 from fineprune.averaging import average_weights, extrapolate, fine_tune_averaged
 from fineprune.data import LabelledData
-from fineprune.finetune import FineTuneResult, FineTuneSettings, fine_tune
+from fineprune.finetune import FineTuneResult, fine_tune
 from fineprune.graph import ModelGraph
 from fineprune.recipe import AVERAGED_EXTRAPOLATION, AVERAGED_RUNS, resolve_recipe
 from schemas.options import SanitizeOptions
@@ -45,20 +43,6 @@ def test_extrapolate_steps_the_movable_weights_and_keeps_the_statistics():
         extrapolate(start, end[:2], 1.5, [True] * 3)
 
 
-def _settings(seed: int) -> FineTuneSettings:
-    return FineTuneSettings(
-        epochs=2,
-        learning_rate=1e-2,
-        optimizer="adam",
-        lr_schedule="constant",
-        batch_size=32,
-        augment=False,
-        patience=5,
-        freeze_batchnorm=True,
-        seed=seed,
-    )
-
-
 @pytest.mark.parametrize("step", [1.0, 1.25])
 def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean(step: float):
     x, y = textures(160, seed=1)
@@ -74,7 +58,9 @@ def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean(step: 
         seeds.append(seed)
         starts.append(target.get_weights())
         # BatchNorm trains, so its moving statistics move too (and must not be stepped).
-        settings = replace(_settings(seed), freeze_batchnorm=False)
+        settings = tuning_settings(
+            epochs=2, learning_rate=1e-2, patience=5, freeze_batchnorm=False, seed=seed
+        )
         result = fine_tune(target, train, validation, settings, "probabilities")
         ends.append(target.get_weights())
         return result

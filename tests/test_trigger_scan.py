@@ -14,11 +14,12 @@ from factories import (
     sequential_bn_flatten,
     textures,
     train_backdoored,
+    tuning_settings,
 )
 from pydantic import ValidationError
 
 from fineprune.data import LabelledData
-from fineprune.finetune import FineTuneSettings, _dataset
+from fineprune.finetune import _dataset
 from fineprune.pipeline import Inputs, sanitize
 from fineprune.recipe import AUTOMATIC_RATE, FROZEN_HEAD_RATE, PROXY_SHARE, resolve_recipe
 from fineprune.trigger_scan import ANOMALY_THRESHOLD, scan, universal_perturbation
@@ -85,17 +86,7 @@ def test_a_universal_perturbation_stays_in_its_ball_and_reports_what_it_reaches(
 def test_fine_tuning_shifts_the_asked_share_of_each_batch_by_the_proxy():
     x, y = textures(512, seed=34)
     delta = np.full(x.shape[1:], 0.05, np.float32)
-    settings = FineTuneSettings(
-        epochs=1,
-        learning_rate=1e-3,
-        optimizer="adam",
-        lr_schedule="constant",
-        batch_size=512,
-        augment=False,
-        patience=1,
-        freeze_batchnorm=True,
-        seed=0,
-    )
+    settings = tuning_settings(batch_size=512)
     shuffled = next(iter(_dataset(LabelledData(x, y), settings, image_like=True)))[0].numpy()
     shifted = next(
         iter(
