@@ -1,4 +1,4 @@
-"""Reference architectures: the study's seed CNN and a small residual network.
+"""Reference architectures: the study's seed CNN, a small residual network and a small VGG.
 
 Used by the benchmark, the study's reproduction and the experiments behind the defaults; the
 service itself sanitizes whatever architecture it is given.
@@ -65,3 +65,33 @@ def small_resnet(
     x = layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = layers.Dense(classes, activation="softmax", name="classifier")(x)
     return keras.Model(inputs, outputs, name="small_resnet")
+
+
+def small_vgg(
+    classes: int = 9, input_shape: tuple[int, int, int] = (32, 32, 3), width: int = 32
+) -> keras.Model:
+    """Three VGG blocks (two 3x3 convolutions each) and a dense head over every position.
+
+    A third victim: deeper than the seed CNN with smaller kernels, its last convolution feeding
+    Flatten -> Dense like the seed CNN's, and no residual shortcut or global pooling like the
+    small ResNet's.
+    """
+    layers = keras.layers
+    stack: list[keras.layers.Layer] = [keras.Input(input_shape)]
+    for block, filters in enumerate((width, 2 * width, 4 * width), start=1):
+        for conv in (1, 2):
+            stack += [
+                layers.Conv2D(
+                    filters, 3, padding="same", use_bias=False, name=f"b{block}_conv{conv}"
+                ),
+                layers.BatchNormalization(name=f"b{block}_bn{conv}"),
+                layers.ReLU(name=f"b{block}_relu{conv}"),
+            ]
+        stack.append(layers.MaxPooling2D(name=f"b{block}_pool"))
+    stack += [
+        layers.Flatten(name="flatten"),
+        layers.Dropout(0.3, name="dropout"),
+        layers.Dense(256, activation="relu", name="dense"),
+        layers.Dense(classes, activation="softmax", name="classifier"),
+    ]
+    return keras.Sequential(stack, name="small_vgg")

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 
-from fineprune.architectures import seed_cnn, small_resnet
+from fineprune.architectures import seed_cnn, small_resnet, small_vgg
 from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered
 from fineprune.averaging import extrapolate
 from fineprune.pipeline import Inputs, sanitize
@@ -41,6 +41,7 @@ ARCHITECTURES = {
     "seed_cnn": seed_cnn,
     "small_resnet": small_resnet,
     "small_resnet_aug": small_resnet,
+    "small_vgg": small_vgg,
 }
 # How each victim is trained, beyond `train`'s defaults. "small_resnet_aug" is the small ResNet
 # as a competent trainer would deliver it (87 % on the test signs instead of 72-75 %).

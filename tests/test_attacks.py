@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fineprune.architectures import seed_cnn, small_resnet
+from fineprune.architectures import seed_cnn, small_resnet, small_vgg
 from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered
 
 
@@ -58,3 +58,4 @@ def test_triggered_test_set_leaves_out_the_target_class():
 def test_seed_cnn_matches_the_study_table():
     assert seed_cnn(classes=9).count_params() == 4_461_001
     assert small_resnet(classes=9).count_params() > 0
+    assert small_vgg(classes=9).count_params() == 815_209

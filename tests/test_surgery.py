@@ -17,6 +17,7 @@ from factories import (
     textures,
 )
 
+from fineprune.architectures import seed_cnn, small_resnet, small_vgg
 from fineprune.channels import trace_channels
 from fineprune.errors import PruningError
 from fineprune.graph import ModelGraph, inline_nested_models
@@ -243,3 +244,18 @@ def test_nested_backbone_is_inlined_and_pruned(inputs: np.ndarray, tmp_path: Pat
     )
     result.model.save(tmp_path / "flat.keras")
     assert keras.models.load_model(tmp_path / "flat.keras").get_layer("inner_conv").filters == 4
+
+
+@pytest.mark.parametrize("build", [seed_cnn, small_resnet, small_vgg])
+def test_every_reference_architecture_is_cut_exactly(build):
+    """The victims of the experiments, at their real size: the cut predicts what masking does."""
+    keras.utils.set_random_seed(0)
+    model = build(classes=9)
+    randomize_batchnorm(model)
+    x = np.random.default_rng(0).random((8, 32, 32, 3)).astype(np.float32)
+    path = trace_channels(ModelGraph(model), None)
+    pruned = np.arange(0, path.channels, 3)
+    result = cut(model, path, pruned)
+    np.testing.assert_allclose(
+        result.model.predict(x, verbose=0), masked_predict(path, x, pruned), atol=1e-5
+    )
