@@ -1,8 +1,9 @@
 """The experiment behind the sanitize defaults: fine-tuning schedules against attacks we build.
 
-Victims: the seed CNN and a small ResNet, each backdoored all-to-one with a patch and with a
-blended trigger, on GTSRB; `small_resnet_aug` is the same ResNet trained with augmentation for
-30 epochs (85-87 % on the test signs, where the plain recipe leaves it at 71-75 %). Tuning
+Victims: the seed CNN, a small ResNet and a small VGG, each backdoored all-to-one with a patch
+and with a blended trigger, on GTSRB; `small_resnet_aug` is the same ResNet trained with
+augmentation for 30 epochs (85-87 % on the test signs, where the plain recipe leaves it at
+71-75 %). Tuning
 victims use one training seed; held-out victims another, and are only ever run with the chosen
 defaults. Every sanitize sees 1,500 clean images of the defender's pool; clean accuracy is also
 measured on the official GTSRB test images.
