@@ -68,6 +68,9 @@ class FineTuneSettings:
     relative_rate: bool = False  # Adam only: each layer's rate is the rate times its kernel's RMS
     proxy_trigger: np.ndarray | None = None  # a scan's perturbation (fineprune.trigger_scan)
     proxy_share: float = 0.0  # share of each batch shifted by it, true labels kept
+    # For the caller that averages runs (fineprune.averaging); one fine_tune ignores them.
+    averaged_runs: int = 1
+    extrapolation: float = 1.0
 
     @property
     def method(self) -> str:

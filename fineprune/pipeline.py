@@ -197,8 +197,7 @@ def sanitize(
                 untuned = copy_model(pruned_model)
                 delivered_accuracy = rate(model, splits.validation)
 
-            recipe = resolve_recipe(options, pruned_model, head)
-            runs = recipe.averaged_runs
+            runs = settings.averaged_runs
 
             def tune(
                 target: keras.Model, settings: FineTuneSettings, index: int = 0
@@ -227,7 +226,7 @@ def sanitize(
                 runs,
                 options.seed,
                 lambda target, index, seed: tune(target, replace(settings, seed=seed), index),
-                recipe.extrapolation,
+                settings.extrapolation,
             )
             tuning = averaged[0]
             reason = _feature_shift_failed(delivered_accuracy, tuning, options)
@@ -243,7 +242,7 @@ def sanitize(
                 tuning.fallback_reason = reason
             tuning.trigger_scan = scanned
             if tuning.fallback_reason is None:
-                tuning.extrapolation = recipe.extrapolation
+                tuning.extrapolation = settings.extrapolation
                 if len(averaged) > 1:
                     tuning.averaged_runs = averaged
                     tuning.averaged_validation_accuracy = rate(pruned_model, splits.validation)
@@ -474,6 +473,8 @@ def fine_tune_settings(
         synthetic_triggers=recipe.synthetic_triggers,
         frozen_layers=recipe.frozen_layers,
         proxy_share=recipe.proxy_triggers,
+        averaged_runs=recipe.averaged_runs,
+        extrapolation=recipe.extrapolation,
         relative_rate=options.relative_learning_rate,
         patience=options.patience,
         freeze_batchnorm=options.freeze_batchnorm,
