@@ -191,6 +191,10 @@ SCHEDULES["averaged3-t1"] = dict(averaged_runs=3, extrapolation=1.0)
 # What `auto` meant for every model before it averaged only under a frozen head.
 SCHEDULES["averaged3-t1.25"] = dict(averaged_runs=3, extrapolation=1.25)
 SCHEDULES["averaged2"] = dict(averaged_runs=2)
+# The pooled model's blended residue (#6): more of each batch under the proxy, longer, faster.
+SCHEDULES["proxy50"] = dict(proxy_triggers=0.5)
+SCHEDULES["epochs30"] = dict(epochs=30)
+SCHEDULES["lr1.5e-3"] = dict(learning_rate=1.5e-3)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
@@ -314,6 +318,11 @@ def run(
         "best_epoch": report.fine_tuning.best_epoch if report.fine_tuning else 0,
         "seconds": round(seconds, 1),
     }
+    if report.fine_tuning:
+        record["history"] = [
+            [e.epoch, round(e.val_accuracy, 4), e.attack_success_rate]
+            for e in report.fine_tuning.history
+        ]
     if report.fine_tuning and report.fine_tuning.averaged_runs:
         record["averaged_runs"] = [run.model_dump() for run in report.fine_tuning.averaged_runs]
         record["extrapolation"] = report.fine_tuning.extrapolation
