@@ -163,6 +163,9 @@ def sanitize(
         str, typer.Option(metavar="SHARE|auto", help=_help("proxy_triggers"))
     ] = str(_default("proxy_triggers")),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
+    epoch_choice: Annotated[str, typer.Option(help=_help("epoch_choice"))] = _default(
+        "epoch_choice"
+    ),
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
     ),
@@ -214,6 +217,7 @@ def sanitize(
             freeze_head=_parse_switch(freeze_head),
             proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
             patience=patience,
+            epoch_choice=epoch_choice,
             freeze_batchnorm=freeze_batchnorm,
             sharpness_radius=sharpness_radius,
             shift_strength=shift_strength,

@@ -63,6 +63,8 @@ class FineTuneSettings:
     unlearning_radius: float = 0.0  # >0: adversarial unlearning, radius relative to input norm
     distillation: float = 0.0  # weight of the delivered model's teaching (needs a teacher)
     keep_last: bool = False  # run every epoch and keep the last, instead of the validation pick
+    # Among epochs at the best validation accuracy: the latest, or the lowest validation loss.
+    epoch_choice: str = "lowest-loss"
     synthetic_triggers: float = 0.0  # share of each batch stamped with a random patch or blend
     frozen_layers: tuple[str, ...] = ()  # kept as delivered: the classifier head, when asked
     relative_rate: bool = False  # Adam only: each layer's rate is the rate times its kernel's RMS
@@ -341,10 +343,15 @@ def fine_tune(
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-        if settings.keep_last or (val_accuracy, -val_loss) > best:
-            best = (val_accuracy, -val_loss)
+        # A tie on accuracy goes to the later epoch under `latest-best`: on a slice of a
+        # hundred or two images ties are common, and the later epoch has unlearned longer.
+        progress = settings.keep_last or (val_accuracy, -val_loss) > best
+        latest_tie = settings.epoch_choice == "latest-best" and val_accuracy >= best[0]
+        if progress or latest_tie:
             best_weights = model.get_weights()
             result.best_epoch = epoch
+        if progress:  # patience counts epochs without progress, ties or not
+            best = (val_accuracy, -val_loss)
             since_best = 0
         else:
             since_best += 1

@@ -165,6 +165,12 @@ class SanitizeOptions(BaseModel):
     patience: int = Field(
         10, ge=1, le=1000, description="Stop fine-tuning after this many epochs without progress."
     )
+    epoch_choice: Literal["latest-best", "lowest-loss"] = Field(
+        "lowest-loss",
+        description="Which fine-tuning epoch is kept, among those with the best accuracy on "
+        "the validation slice: the latest (a small slice ties often, and the later epoch has "
+        "unlearned longer as the rate decays), or the one with the lowest validation loss.",
+    )
     sharpness_radius: float = Field(
         2.0,
         gt=0.0,

@@ -195,6 +195,8 @@ SCHEDULES["averaged2"] = dict(averaged_runs=2)
 SCHEDULES["proxy50"] = dict(proxy_triggers=0.5)
 SCHEDULES["epochs30"] = dict(epochs=30)
 SCHEDULES["lr1.5e-3"] = dict(learning_rate=1.5e-3)
+# Among epochs at the best validation accuracy, the latest instead of the lowest loss.
+SCHEDULES["latest-best"] = dict(epoch_choice="latest-best")
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
