@@ -162,6 +162,9 @@ def sanitize(
     proxy_triggers: Annotated[
         str, typer.Option(metavar="SHARE|auto", help=_help("proxy_triggers"))
     ] = str(_default("proxy_triggers")),
+    proxy_scale: Annotated[float, typer.Option(help=_help("proxy_scale"))] = _default(
+        "proxy_scale"
+    ),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     epoch_choice: Annotated[str, typer.Option(help=_help("epoch_choice"))] = _default(
         "epoch_choice"
@@ -216,6 +219,7 @@ def sanitize(
             synthetic_triggers=_parse_auto(synthetic_triggers, float, "0.5"),
             freeze_head=_parse_switch(freeze_head),
             proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
+            proxy_scale=proxy_scale,
             patience=patience,
             epoch_choice=epoch_choice,
             freeze_batchnorm=freeze_batchnorm,

@@ -178,7 +178,10 @@ def sanitize(
                 except ValueError as exc:  # one output, or one class in the clean data
                     warnings.append(f"trigger scan skipped: {exc}; fine-tuned without a proxy")
                 else:
-                    settings = replace(settings, proxy_trigger=scanned.perturbation)
+                    proxy = scanned.perturbation
+                    if proxy is not None:
+                        proxy = proxy * np.float32(options.proxy_scale)
+                    settings = replace(settings, proxy_trigger=proxy)
                 if scanned is not None and scanned.suspect is None:
                     warnings.append(
                         "the trigger scan found no class that stands out; fine-tuned without "

@@ -128,8 +128,7 @@ class SanitizeOptions(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096, description="Fine-tuning batch size.")
     augment: bool = Field(
         False,
-        description="Random small shifts, zooms and contrast changes while fine-tuning "
-        "(image inputs only).",
+        description="Random small shifts and zooms while fine-tuning (image inputs only).",
     )
     synthetic_triggers: float | Literal["auto"] = Field(
         "auto",
@@ -147,6 +146,15 @@ class SanitizeOptions(BaseModel):
         "the shortcut it rides on is unlearned (0: no scan). When no class stands out nothing "
         "is shifted; the report gives the scan either way. 'auto': 0.25 for fine-pruning of a "
         "classifier with two or more outputs, 0 otherwise.",
+    )
+    proxy_scale: float = Field(
+        1.0,
+        gt=0.0,
+        le=8.0,
+        description="The proxy trigger is added this many times as strong as the scan found "
+        "it. The scan's radius is the smallest at which the backdoor's class stands out, "
+        "which can be a third of the trigger's own size; a larger proxy unlearns further "
+        "along the same direction.",
     )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
