@@ -130,6 +130,25 @@ def test_sanitize_scans_shifts_and_reports_the_scan(files, tmp_path: Path):
     assert untouched.fine_tuning is not None and untouched.fine_tuning.trigger_scan is None
 
 
+def test_proxy_scale_strengthens_the_proxy_that_fine_tuning_adds(files, tmp_path: Path):
+    def tune(scale: float, name: str):
+        options = SanitizeOptions(
+            epochs=1, proxy_triggers=0.5, proxy_scale=scale, averaged_runs=1, seed=4
+        )
+        report = sanitize(Inputs(files["keras"], files["clean"]), tmp_path / name, options)
+        assert report.fine_tuning is not None and report.fine_tuning.trigger_scan is not None
+        return report.fine_tuning
+
+    once, again, tripled = tune(1.0, "a"), tune(1.0, "b"), tune(3.0, "c")
+    # The same scan finds the same proxy; only its strength in training changes.
+    unscaled = once.trigger_scan.model_dump(exclude={"seconds"})
+    assert tripled.trigger_scan.model_dump(exclude={"seconds"}) == unscaled
+    assert again.history[0].loss == once.history[0].loss  # a rerun is exact...
+    assert tripled.history[0].loss != once.history[0].loss  # ...so this is the scale
+    with pytest.raises(ValidationError):
+        SanitizeOptions(proxy_scale=0.0)
+
+
 def test_the_proxy_needs_a_defense_that_fine_tunes():
     with pytest.raises(ValidationError, match="proxy_triggers needs a defense that fine-tunes"):
         SanitizeOptions(defense="pruning", proxy_triggers=0.25)
