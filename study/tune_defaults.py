@@ -200,6 +200,7 @@ SCHEDULES["latest-best"] = dict(epoch_choice="latest-best")
 # Shifts, zooms and contrast while fine-tuning: unlearning that fits the 1,500 images only.
 SCHEDULES["augment"] = dict(augment=True)
 SCHEDULES["augment-proxy50"] = dict(augment=True, proxy_triggers=0.5)
+SCHEDULES["augment-lr1.5e-3"] = dict(augment=True, learning_rate=1.5e-3)
 # The proxy at two and three times the scan's radius (a blend here is 0.15 of an image's norm).
 SCHEDULES["proxy-x2"] = dict(proxy_scale=2.0)
 SCHEDULES["proxy-x3"] = dict(proxy_scale=3.0)
