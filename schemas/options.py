@@ -152,9 +152,9 @@ class SanitizeOptions(BaseModel):
         gt=0.0,
         le=8.0,
         description="The proxy trigger is added this many times as strong as the scan found "
-        "it. The scan's radius is the smallest at which the backdoor's class stands out, "
-        "which can be a third of the trigger's own size; a larger proxy unlearns further "
-        "along the same direction.",
+        "it (the scan's radius is the smallest at which the backdoor's class stands out, "
+        "which can be a third of the trigger's own size). Measured on a small ResNet with a "
+        "blended trigger, 2 and 3 left more of the backdoor than 1 (README).",
     )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
@@ -177,7 +177,8 @@ class SanitizeOptions(BaseModel):
         "lowest-loss",
         description="Which fine-tuning epoch is kept, among those with the best accuracy on "
         "the validation slice: the latest (a small slice ties often, and the later epoch has "
-        "unlearned longer as the rate decays), or the one with the lowest validation loss.",
+        "unlearned longer as the rate decays), or the one with the lowest validation loss. "
+        "Measured on a small ResNet, the two kept the same epoch in 5 runs of 6 (README).",
     )
     sharpness_radius: float = Field(
         2.0,

@@ -197,7 +197,7 @@ SCHEDULES["epochs30"] = dict(epochs=30)
 SCHEDULES["lr1.5e-3"] = dict(learning_rate=1.5e-3)
 # Among epochs at the best validation accuracy, the latest instead of the lowest loss.
 SCHEDULES["latest-best"] = dict(epoch_choice="latest-best")
-# Shifts, zooms and contrast while fine-tuning: unlearning that fits the 1,500 images only.
+# Shifts and zooms while fine-tuning: the unlearning fit the 1,500 images and not new ones.
 SCHEDULES["augment"] = dict(augment=True)
 SCHEDULES["augment-proxy50"] = dict(augment=True, proxy_triggers=0.5)
 SCHEDULES["augment-lr1.5e-3"] = dict(augment=True, learning_rate=1.5e-3)
