@@ -165,6 +165,9 @@ def sanitize(
     proxy_scale: Annotated[float, typer.Option(help=_help("proxy_scale"))] = _default(
         "proxy_scale"
     ),
+    proxy_refresh: Annotated[bool, typer.Option(help=_help("proxy_refresh"))] = _default(
+        "proxy_refresh"
+    ),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     epoch_choice: Annotated[str, typer.Option(help=_help("epoch_choice"))] = _default(
         "epoch_choice"
@@ -220,6 +223,7 @@ def sanitize(
             freeze_head=_parse_switch(freeze_head),
             proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
             proxy_scale=proxy_scale,
+            proxy_refresh=proxy_refresh,
             patience=patience,
             epoch_choice=epoch_choice,
             freeze_batchnorm=freeze_batchnorm,

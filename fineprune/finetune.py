@@ -39,7 +39,7 @@ from fineprune.graph import leaf_layers
 from fineprune.relative_rate import LayerScaledAdam, layer_scales
 from fineprune.sweep import predicted_classes
 from fineprune.synthetic_triggers import SyntheticTriggers
-from fineprune.trigger_scan import ScanResult
+from fineprune.trigger_scan import ProxyRefresher, ScanResult
 from fineprune.unlearning import AdversarialUnlearning, perturbation_radius
 from fineprune.wrapped import TrainingWrapper
 
@@ -70,6 +70,8 @@ class FineTuneSettings:
     relative_rate: bool = False  # Adam only: each layer's rate is the rate times its kernel's RMS
     proxy_trigger: np.ndarray | None = None  # a scan's perturbation (fineprune.trigger_scan)
     proxy_share: float = 0.0  # share of each batch shifted by it, true labels kept
+    proxy_target: int | None = None  # the scan's suspect: the class the proxy sends images to
+    proxy_refresh: bool = False  # search the proxy again on the tuned model before each epoch
     # For the caller that averages runs (fineprune.averaging); one fine_tune ignores them.
     averaged_runs: int = 1
     extrapolation: float = 1.0
@@ -203,7 +205,12 @@ def _augmenter(seed: int) -> keras.Sequential:
     )
 
 
-def _dataset(data: LabelledData, settings: FineTuneSettings, image_like: bool) -> tf.data.Dataset:
+def _dataset(
+    data: LabelledData,
+    settings: FineTuneSettings,
+    image_like: bool,
+    proxy: tf.Variable | None = None,
+) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices((data.x, data.y))
     ds = ds.shuffle(len(data), seed=settings.seed, reshuffle_each_iteration=True)
     ds = ds.batch(settings.batch_size)
@@ -213,22 +220,23 @@ def _dataset(data: LabelledData, settings: FineTuneSettings, image_like: bool) -
     if settings.synthetic_triggers and image_like:
         stamp = SyntheticTriggers(settings.synthetic_triggers, data.x, settings.seed)
         ds = ds.enumerate().map(lambda step, xy: (stamp(xy[0], step), xy[1]))
-    if settings.proxy_trigger is not None and settings.proxy_share:
-        shift = _proxy_shift(settings.proxy_trigger, settings.proxy_share, data.x, settings.seed)
+    if proxy is not None:
+        shift = _proxy_shift(proxy, settings.proxy_share, data.x, settings.seed)
         ds = ds.enumerate().map(lambda step, xy: (shift(xy[0], step), xy[1]))
     return ds.prefetch(2)
 
 
 def _proxy_shift(
-    delta: np.ndarray, share: float, reference: np.ndarray, seed: int
+    pattern: tf.Variable, share: float, reference: np.ndarray, seed: int
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Adds `delta` to `share` of a batch's rows, kept in the inputs' range."""
+    """Adds `pattern` (read at every batch: a refresh changes it) to `share` of a batch's
+    rows, kept in the inputs' range."""
     low, high = float(np.min(reference)), float(np.max(reference))
-    pattern = tf.constant(delta[None], tf.float32)
+    dims = len(pattern.shape) - 1
 
     def shift(x: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         pick = tf.random.stateless_uniform(
-            tf.concat([tf.shape(x)[:1], tf.ones([delta.ndim], tf.int32)], 0),
+            tf.concat([tf.shape(x)[:1], tf.ones([dims], tf.int32)], 0),
             tf.stack([tf.constant(seed * 100 + 77, tf.int64), step]),
         )
         shifted = tf.clip_by_value(x + tf.cast(pattern, x.dtype), low, high)
@@ -303,7 +311,20 @@ def fine_tune(
         metrics=["accuracy"],
     )
     image_like = train.x.ndim == 4 and train.x.shape[-1] in (1, 3)
-    dataset = _dataset(train, settings, image_like)
+    proxy, refresher = None, None
+    if settings.proxy_trigger is not None and settings.proxy_share:
+        proxy = tf.Variable(settings.proxy_trigger[None].astype(np.float32), trainable=False)
+        if settings.proxy_refresh and settings.proxy_target is not None:
+            refresher = ProxyRefresher(
+                model,
+                train.x,
+                train.y,
+                settings.proxy_target,
+                settings.proxy_trigger,
+                settings.seed,
+                from_logits=kind == "logits",
+            )
+    dataset = _dataset(train, settings, image_like, proxy)
     callbacks = [_KeepZeroed(model, zero_masks)] if zero_masks else []
     for callback in callbacks:
         callback.on_train_batch_end(0)  # a re-initialized head must not revive pruned inputs
@@ -327,6 +348,10 @@ def fine_tune(
     for epoch in range(1, settings.epochs + 1):
         if should_stop is not None and should_stop():
             break
+        proxy_success = None
+        if refresher is not None and proxy is not None and epoch > 1:
+            proxy_success = refresher()
+            proxy.assign(refresher.perturbation[None])
         fit = trainer.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
         val_loss, val_accuracy = _validation_loss(model, loss, validation, classes)
         record = {
@@ -338,6 +363,8 @@ def fine_tune(
         }
         if trigger is not None:
             record["attack_success_rate"] = rate(model, trigger)
+        if proxy_success is not None:
+            record["proxy_success"] = proxy_success
         if head is not None and original_head is not None:
             record["head_alignment"] = alignment(head, original_head)
         result.history.append(record)

@@ -181,7 +181,12 @@ def sanitize(
                     proxy = scanned.perturbation
                     if proxy is not None:
                         proxy = proxy * np.float32(options.proxy_scale)
-                    settings = replace(settings, proxy_trigger=proxy)
+                    settings = replace(
+                        settings,
+                        proxy_trigger=proxy,
+                        proxy_target=scanned.suspect,
+                        proxy_refresh=options.proxy_refresh,
+                    )
                 if scanned is not None and scanned.suspect is None:
                     warnings.append(
                         "the trigger scan found no class that stands out; fine-tuned without "

@@ -75,13 +75,19 @@ class _Descent:
         self._step = step
 
     def __call__(
-        self, x: np.ndarray, target: int, radius: float, steps: int
+        self,
+        x: np.ndarray,
+        target: int,
+        radius: float,
+        steps: int,
+        start: np.ndarray | None = None,
     ) -> tuple[np.ndarray, float]:
         images = tf.constant(x, tf.float32)
         labels = tf.fill([len(x)], target)
         size = tf.constant(2.5 * radius / steps)  # PGD's usual step: the ball is crossed twice
         bound = tf.constant(radius, tf.float32)
-        delta = tf.zeros_like(images[:1])
+        zero = tf.zeros_like(images[:1])
+        delta = zero if start is None else tf.constant(start[None], tf.float32)
         for _ in range(steps):
             delta = self._step(delta, images, labels, bound, size)
         found = keras.ops.convert_to_numpy(delta)[0]
@@ -100,10 +106,50 @@ def universal_perturbation(
     radius: float,
     steps: int = SCAN_STEPS,
     from_logits: bool = False,
+    start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """The perturbation within `radius` (absolute L2) that sends most of `x` to `target`,
-    and the share of `x` it sends there."""
-    return _Descent(model, from_logits)(x, target, radius, steps)
+    and the share of `x` it sends there; the descent starts from `start` (default: zero)."""
+    return _Descent(model, from_logits)(x, target, radius, steps, start)
+
+
+class ProxyRefresher:
+    """Searches the suspect's perturbation again on the model as it is being fine-tuned.
+
+    The scan's proxy is the shortcut as the delivered model had it; fine-tuning on it closes
+    that one direction, and a backdoor the clean images barely touch can stay reachable by a
+    nearby one. Each refresh continues the descent from the current proxy, on the same
+    radius, on images of the other classes drawn afresh, so the proxy follows what is left.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        x: np.ndarray,
+        y: np.ndarray,
+        target: int,
+        start: np.ndarray,
+        seed: int,
+        from_logits: bool,
+        images: int = SCAN_IMAGES,
+        steps: int = SCAN_STEPS,
+    ) -> None:
+        self._descend = _Descent(model, from_logits)
+        self._x = x[y != target]
+        self._target = target
+        self._radius = float(np.linalg.norm(start))
+        self._rng = np.random.default_rng(seed + 7919)
+        self._images = images
+        self._steps = steps
+        self.perturbation = start.astype(np.float32)
+
+    def __call__(self) -> float:
+        """Refresh the proxy; return the share of the drawn images it sends to the suspect."""
+        rows = self._rng.permutation(len(self._x))[: self._images]
+        self.perturbation, success = self._descend(
+            self._x[rows], self._target, self._radius, self._steps, self.perturbation
+        )
+        return success
 
 
 def scan(

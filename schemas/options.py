@@ -156,6 +156,14 @@ class SanitizeOptions(BaseModel):
         "which can be a third of the trigger's own size). Measured on a small ResNet with a "
         "blended trigger, 2 and 3 left more of the backdoor than 1 (README).",
     )
+    proxy_refresh: bool = Field(
+        False,
+        description="Search the proxy trigger again before each fine-tuning epoch, on the "
+        "model as it is then and on clean images drawn afresh, starting from the current "
+        "proxy at the same radius, so that unlearning follows the shortcut as it moves "
+        "instead of closing only the direction the delivered model had. The report gives "
+        "each refresh's success.",
+    )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
         description="Pruning defenses with plain, SAM or unlearning fine-tuning: keep the "

@@ -90,6 +90,11 @@ class EpochRecord(_Strict):
         description="Feature-shift tuning only: cosine similarity of the classifier's kernel "
         "with the one it replaced (1: unchanged, 0: orthogonal).",
     )
+    proxy_success: float | None = Field(
+        None,
+        description="proxy_refresh only: share of the clean images drawn for this epoch's "
+        "refresh that the refreshed proxy sends to the suspect class, before the epoch trains.",
+    )
 
 
 class TriggerScan(_Strict):

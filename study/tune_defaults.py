@@ -204,6 +204,9 @@ SCHEDULES["augment-lr1.5e-3"] = dict(augment=True, learning_rate=1.5e-3)
 # The proxy at two and three times the scan's radius (a blend here is 0.15 of an image's norm).
 SCHEDULES["proxy-x2"] = dict(proxy_scale=2.0)
 SCHEDULES["proxy-x3"] = dict(proxy_scale=3.0)
+# The proxy searched again before each epoch on the model being tuned.
+SCHEDULES["refresh"] = dict(proxy_refresh=True)
+SCHEDULES["refresh-proxy50"] = dict(proxy_refresh=True, proxy_triggers=0.5)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500

@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from factories import (
     backdoor_inputs,
     save_npz,
@@ -22,7 +23,12 @@ from fineprune.data import LabelledData
 from fineprune.finetune import _dataset
 from fineprune.pipeline import Inputs, sanitize
 from fineprune.recipe import AUTOMATIC_RATE, FROZEN_HEAD_RATE, PROXY_SHARE, resolve_recipe
-from fineprune.trigger_scan import ANOMALY_THRESHOLD, scan, universal_perturbation
+from fineprune.trigger_scan import (
+    ANOMALY_THRESHOLD,
+    ProxyRefresher,
+    scan,
+    universal_perturbation,
+)
 from fineprune.unlearning import perturbation_radius
 from schemas.options import SanitizeOptions
 
@@ -87,20 +93,25 @@ def test_fine_tuning_shifts_the_asked_share_of_each_batch_by_the_proxy():
     x, y = textures(512, seed=34)
     delta = np.full(x.shape[1:], 0.05, np.float32)
     settings = tuning_settings(batch_size=512)
-    shuffled = next(iter(_dataset(LabelledData(x, y), settings, image_like=True)))[0].numpy()
-    shifted = next(
-        iter(
-            _dataset(
-                LabelledData(x, y),
-                replace(settings, proxy_trigger=delta, proxy_share=0.25),
-                image_like=True,
-            )
-        )
-    )[0].numpy()
+    plain = _dataset(LabelledData(x, y), settings, image_like=True)
+    shuffled, reshuffled = (next(iter(plain))[0].numpy() for _ in range(2))
+    proxy = tf.Variable(delta[None])
+    dataset = _dataset(
+        LabelledData(x, y),
+        replace(settings, proxy_trigger=delta, proxy_share=0.25),
+        image_like=True,
+        proxy=proxy,
+    )
+    shifted = next(iter(dataset))[0].numpy()
     changed = np.any(shifted != shuffled, axis=(1, 2, 3))
     assert 0.15 < changed.mean() < 0.35  # a quarter, drawn per row
     expected = np.clip(shuffled[changed] + delta, 0.0, 1.0)
     np.testing.assert_allclose(shifted[changed], expected, atol=1e-6)
+    # A refreshed proxy reaches the next pass over the same dataset (the next epoch).
+    proxy.assign(-proxy)
+    again = next(iter(dataset))[0].numpy()
+    np.testing.assert_array_equal(np.any(again != reshuffled, axis=(1, 2, 3)), changed)
+    np.testing.assert_allclose(again[changed], np.clip(reshuffled[changed] - delta, 0.0, 1.0))
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +158,41 @@ def test_proxy_scale_strengthens_the_proxy_that_fine_tuning_adds(files, tmp_path
     assert tripled.history[0].loss != once.history[0].loss  # ...so this is the scale
     with pytest.raises(ValidationError):
         SanitizeOptions(proxy_scale=0.0)
+
+
+def test_a_refresh_continues_the_proxy_within_its_radius(backdoored):
+    x, y = textures(600, seed=36)
+    found = scan(backdoored, x, y, seed=0)
+    assert found.perturbation is not None
+    refresher = ProxyRefresher(backdoored, x, y, 0, found.perturbation, seed=0, from_logits=False)
+    radius = float(np.linalg.norm(found.perturbation))
+    successes = [refresher(), refresher()]
+    delta = refresher.perturbation
+    assert np.linalg.norm(delta) <= radius * (1 + 1e-4)
+    assert not np.array_equal(delta, found.perturbation)
+    # On the model the backdoor is whole in, the continued proxy still reaches it.
+    others = x[y != 0]
+    sent = backdoored.predict(others + delta, verbose=0).argmax(-1)
+    untouched = backdoored.predict(others, verbose=0).argmax(-1)
+    assert (sent == 0).mean() > (untouched == 0).mean() + 0.3
+    assert all(0.5 < s <= 1.0 for s in successes)
+
+
+def test_proxy_refresh_searches_again_before_every_epoch_but_the_first(files, tmp_path: Path):
+    def tune(refresh: bool, name: str):
+        options = SanitizeOptions(
+            epochs=3, patience=3, proxy_triggers=0.5, proxy_refresh=refresh, averaged_runs=1
+        )
+        report = sanitize(Inputs(files["keras"], files["clean"]), tmp_path / name, options)
+        assert report.fine_tuning is not None and report.fine_tuning.trigger_scan is not None
+        return report.fine_tuning.history
+
+    fixed, refreshed = tune(False, "fixed"), tune(True, "refreshed")
+    assert [e.proxy_success is None for e in refreshed] == [True, False, False]
+    assert all(e.proxy_success is None for e in fixed)
+    assert all(0.0 <= e.proxy_success <= 1.0 for e in refreshed[1:])
+    assert refreshed[0].loss == fixed[0].loss  # the scan's own proxy trains the first epoch
+    assert refreshed[1].loss != fixed[1].loss  # then the refreshed one
 
 
 def test_the_proxy_needs_a_defense_that_fine_tunes():
