@@ -332,7 +332,7 @@ def run(
     }
     if report.fine_tuning:
         record["history"] = [
-            [e.epoch, round(e.val_accuracy, 4), e.attack_success_rate]
+            [e.epoch, round(e.val_accuracy, 4), e.attack_success_rate, e.proxy_success]
             for e in report.fine_tuning.history
         ]
     if report.fine_tuning and report.fine_tuning.averaged_runs:
