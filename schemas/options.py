@@ -162,7 +162,9 @@ class SanitizeOptions(BaseModel):
         "model as it is then and on clean images drawn afresh, starting from the current "
         "proxy at the same radius, so that unlearning follows the shortcut as it moves "
         "instead of closing only the direction the delivered model had. The report gives "
-        "each refresh's success.",
+        "each refresh's success. Measured: it lowered a small ResNet's blended residue (5 of "
+        "6 runs within 2 %, the default 3 of 6) and cost 3-4 points of test accuracy against "
+        "the default's result on every architecture, a seed CNN 5.6 points in all (README).",
     )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
