@@ -86,8 +86,7 @@ class _Descent:
         labels = tf.fill([len(x)], target)
         size = tf.constant(2.5 * radius / steps)  # PGD's usual step: the ball is crossed twice
         bound = tf.constant(radius, tf.float32)
-        zero = tf.zeros_like(images[:1])
-        delta = zero if start is None else tf.constant(start[None], tf.float32)
+        delta = tf.zeros_like(images[:1]) if start is None else tf.constant(start[None], tf.float32)
         for _ in range(steps):
             delta = self._step(delta, images, labels, bound, size)
         found = keras.ops.convert_to_numpy(delta)[0]
