@@ -81,6 +81,15 @@ def _parse_switch(value: str) -> bool | str:
     raise typer.BadParameter(f"{value!r} is none of yes, no, auto")
 
 
+def _parse_refresh(value: str) -> bool | str:
+    if value.strip().lower() == "until-floor":
+        return "until-floor"
+    switch = _parse_switch(value)
+    if switch == "auto":
+        raise typer.BadParameter(f"{value!r} is none of yes, no, until-floor")
+    return switch
+
+
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -165,9 +174,9 @@ def sanitize(
     proxy_scale: Annotated[float, typer.Option(help=_help("proxy_scale"))] = _default(
         "proxy_scale"
     ),
-    proxy_refresh: Annotated[bool, typer.Option(help=_help("proxy_refresh"))] = _default(
-        "proxy_refresh"
-    ),
+    proxy_refresh: Annotated[
+        str, typer.Option(metavar="yes|no|until-floor", help=_help("proxy_refresh"))
+    ] = "no",
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     epoch_choice: Annotated[str, typer.Option(help=_help("epoch_choice"))] = _default(
         "epoch_choice"
@@ -223,7 +232,7 @@ def sanitize(
             freeze_head=_parse_switch(freeze_head),
             proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
             proxy_scale=proxy_scale,
-            proxy_refresh=proxy_refresh,
+            proxy_refresh=_parse_refresh(proxy_refresh),
             patience=patience,
             epoch_choice=epoch_choice,
             freeze_batchnorm=freeze_batchnorm,

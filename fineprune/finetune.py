@@ -72,6 +72,8 @@ class FineTuneSettings:
     proxy_share: float = 0.0  # share of each batch shifted by it, true labels kept
     proxy_target: int | None = None  # the scan's suspect: the class the proxy sends images to
     proxy_refresh: bool = False  # search the proxy again on the tuned model before each epoch
+    # Stop refreshing once a refresh's success falls to this (None: refresh every epoch).
+    proxy_refresh_floor: float | None = None
     # For the caller that averages runs (fineprune.averaging); one fine_tune ignores them.
     averaged_runs: int = 1
     extrapolation: float = 1.0
@@ -320,9 +322,10 @@ def fine_tune(
                 train.x,
                 train.y,
                 settings.proxy_target,
-                settings.proxy_trigger,
+                proxy,
                 settings.seed,
                 from_logits=kind == "logits",
+                floor=settings.proxy_refresh_floor,
             )
     dataset = _dataset(train, settings, image_like, proxy)
     callbacks = [_KeepZeroed(model, zero_masks)] if zero_masks else []
@@ -349,9 +352,8 @@ def fine_tune(
         if should_stop is not None and should_stop():
             break
         proxy_success = None
-        if refresher is not None and proxy is not None and epoch > 1:
+        if refresher is not None and epoch > 1:
             proxy_success = refresher()
-            proxy.assign(refresher.perturbation[None])
         fit = trainer.fit(dataset, epochs=1, verbose=0, callbacks=callbacks)
         val_loss, val_accuracy = _validation_loss(model, loss, validation, classes)
         record = {

@@ -185,7 +185,10 @@ def sanitize(
                         settings,
                         proxy_trigger=proxy,
                         proxy_target=scanned.suspect,
-                        proxy_refresh=options.proxy_refresh,
+                        proxy_refresh=bool(options.proxy_refresh),
+                        proxy_refresh_floor=_refresh_floor(scanned)
+                        if options.proxy_refresh == "until-floor"
+                        else None,
                     )
                 if scanned is not None and scanned.suspect is None:
                     warnings.append(
@@ -526,6 +529,15 @@ def _run_report(tuning: FineTuneResult) -> FineTuneRun:
         validation_accuracy=kept.get("val_accuracy", 0.0),
         attack_success_rate=kept.get("attack_success_rate"),
     )
+
+
+def _refresh_floor(found: ScanResult) -> float | None:
+    """What a perturbation of the scan's size gets from an ordinary class: the median
+    success of the classes other than the suspect."""
+    if found.suspect is None:
+        return None
+    others = [s for c, s in enumerate(found.success) if c != found.suspect]
+    return float(np.median(others))
 
 
 def _scan_report(found: ScanResult | None, share: float) -> TriggerScan | None:

@@ -118,7 +118,13 @@ class ProxyRefresher:
     The scan's proxy is the shortcut as the delivered model had it; fine-tuning on it closes
     that one direction, and a backdoor the clean images barely touch can stay reachable by a
     nearby one. Each refresh continues the descent from the current proxy, on the same
-    radius, on images of the other classes drawn afresh, so the proxy follows what is left.
+    radius, on images of the other classes drawn afresh, and writes the result into the
+    variable that fine-tuning reads, so the proxy follows what is left. Its success is read
+    on other images than it was searched on, as the scan's is.
+
+    With a `floor` (the success that an ordinary class gets from a perturbation of this size),
+    refreshing stops at the first refresh that falls to it: the shortcut is then no easier
+    to reach than any class, and searching on would train against a generic perturbation.
     """
 
     def __init__(
@@ -127,27 +133,45 @@ class ProxyRefresher:
         x: np.ndarray,
         y: np.ndarray,
         target: int,
-        start: np.ndarray,
+        proxy: tf.Variable,
         seed: int,
         from_logits: bool,
+        floor: float | None = None,
         images: int = SCAN_IMAGES,
         steps: int = SCAN_STEPS,
+        check_images: int = CHECK_IMAGES,
     ) -> None:
         self._descend = _Descent(model, from_logits)
         self._x = x[y != target]
         self._target = target
-        self._radius = float(np.linalg.norm(start))
+        self._proxy = proxy
+        self._radius = float(tf.norm(proxy))
         self._rng = np.random.default_rng(seed + 7919)
         self._images = images
         self._steps = steps
-        self.perturbation = start.astype(np.float32)
+        self._check_images = check_images
+        self.floor = floor
+        self.settled = False  # a refresh fell to the floor: the proxy stays as it is now
 
-    def __call__(self) -> float:
-        """Refresh the proxy; return the share of the drawn images it sends to the suspect."""
-        rows = self._rng.permutation(len(self._x))[: self._images]
-        self.perturbation, success = self._descend(
-            self._x[rows], self._target, self._radius, self._steps, self.perturbation
+    @property
+    def perturbation(self) -> np.ndarray:
+        return keras.ops.convert_to_numpy(self._proxy)[0]
+
+    def __call__(self) -> float | None:
+        """Refresh the proxy; return the share of held-apart images it sends to the suspect
+        (None, and nothing changed, once settled)."""
+        if self.settled:
+            return None
+        rows = self._rng.permutation(len(self._x))
+        search, check = rows[: self._images], rows[self._images :][: self._check_images]
+        if len(check) == 0:  # too few images to hold any apart: read it where it was found
+            check = search
+        found, _ = self._descend(
+            self._x[search], self._target, self._radius, self._steps, self.perturbation
         )
+        self._proxy.assign(found[None])
+        success = self._descend.success(found, self._x[check], self._target)
+        self.settled = self.floor is not None and success <= self.floor
         return success
 
 

@@ -92,8 +92,10 @@ class EpochRecord(_Strict):
     )
     proxy_success: float | None = Field(
         None,
-        description="proxy_refresh only: share of the clean images drawn for this epoch's "
-        "refresh that the refreshed proxy sends to the suspect class, before the epoch trains.",
+        description="proxy_refresh only: share of clean images of the other classes, held "
+        "apart from this epoch's refresh search, that the refreshed proxy sends to the suspect "
+        "class, before the epoch trains. None on epochs without a refresh (the first, and "
+        "under 'until-floor' those after the refresh that fell to the floor).",
     )
 
 

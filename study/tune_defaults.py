@@ -207,6 +207,7 @@ SCHEDULES["proxy-x3"] = dict(proxy_scale=3.0)
 # The proxy searched again before each epoch on the model being tuned.
 SCHEDULES["refresh"] = dict(proxy_refresh=True)
 SCHEDULES["refresh-proxy50"] = dict(proxy_refresh=True, proxy_triggers=0.5)
+SCHEDULES["refresh-floor"] = dict(proxy_refresh="until-floor")
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500
