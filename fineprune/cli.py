@@ -174,6 +174,9 @@ def sanitize(
     proxy_scale: Annotated[float, typer.Option(help=_help("proxy_scale"))] = _default(
         "proxy_scale"
     ),
+    proxy_directions: Annotated[int, typer.Option(help=_help("proxy_directions"))] = _default(
+        "proxy_directions"
+    ),
     proxy_refresh: Annotated[
         str, typer.Option(metavar="yes|no|until-floor", help=_help("proxy_refresh"))
     ] = "no",
@@ -232,6 +235,7 @@ def sanitize(
             freeze_head=_parse_switch(freeze_head),
             proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
             proxy_scale=proxy_scale,
+            proxy_directions=proxy_directions,
             proxy_refresh=_parse_refresh(proxy_refresh),
             patience=patience,
             epoch_choice=epoch_choice,

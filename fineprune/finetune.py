@@ -71,6 +71,9 @@ class FineTuneSettings:
     proxy_trigger: np.ndarray | None = None  # a scan's perturbation (fineprune.trigger_scan)
     proxy_share: float = 0.0  # share of each batch shifted by it, true labels kept
     proxy_target: int | None = None  # the scan's suspect: the class the proxy sends images to
+    # More perturbations that reach the suspect, orthogonal to the proxy: a proxied row gets
+    # the proxy or one of these, drawn at random (trigger_scan.orthogonal_proxies).
+    proxy_alternates: tuple[np.ndarray, ...] = ()
     proxy_refresh: bool = False  # search the proxy again on the tuned model before each epoch
     # Stop refreshing once a refresh's success falls to this (None: refresh every epoch).
     proxy_refresh_floor: float | None = None
@@ -229,18 +232,26 @@ def _dataset(
 
 
 def _proxy_shift(
-    pattern: tf.Variable, share: float, reference: np.ndarray, seed: int
+    patterns: tf.Variable, share: float, reference: np.ndarray, seed: int
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Adds `pattern` (read at every batch: a refresh changes it) to `share` of a batch's
-    rows, kept in the inputs' range."""
+    """Adds one of `patterns` (stacked; read at every batch: a refresh changes them), drawn
+    per row, to `share` of a batch's rows, kept in the inputs' range."""
     low, high = float(np.min(reference)), float(np.max(reference))
-    dims = len(pattern.shape) - 1
+    dims = len(patterns.shape) - 1
+    count = int(patterns.shape[0])
 
     def shift(x: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
         pick = tf.random.stateless_uniform(
             tf.concat([tf.shape(x)[:1], tf.ones([dims], tf.int32)], 0),
             tf.stack([tf.constant(seed * 100 + 77, tf.int64), step]),
         )
+        which = tf.random.stateless_uniform(
+            tf.shape(x)[:1],
+            tf.stack([tf.constant(seed * 100 + 78, tf.int64), step]),
+            maxval=count,
+            dtype=tf.int32,
+        )
+        pattern = tf.gather(tf.convert_to_tensor(patterns), which)
         shifted = tf.clip_by_value(x + tf.cast(pattern, x.dtype), low, high)
         return tf.where(pick < share, shifted, x)
 
@@ -315,7 +326,8 @@ def fine_tune(
     image_like = train.x.ndim == 4 and train.x.shape[-1] in (1, 3)
     proxy, refresher = None, None
     if settings.proxy_trigger is not None and settings.proxy_share:
-        proxy = tf.Variable(settings.proxy_trigger[None].astype(np.float32), trainable=False)
+        stacked = np.stack([settings.proxy_trigger, *settings.proxy_alternates])
+        proxy = tf.Variable(stacked.astype(np.float32), trainable=False)
         if settings.proxy_refresh and settings.proxy_target is not None:
             refresher = ProxyRefresher(
                 model,

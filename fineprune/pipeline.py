@@ -38,7 +38,7 @@ from fineprune.recipe import resolve_recipe
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, copy_model, cut
 from fineprune.sweep import ChannelSweeper, masked_predict
-from fineprune.trigger_scan import ScanResult, scan
+from fineprune.trigger_scan import ScanResult, orthogonal_proxies, scan
 from schemas.options import SanitizeOptions
 from schemas.report import (
     CurvePoint,
@@ -178,12 +178,26 @@ def sanitize(
                 except ValueError as exc:  # one output, or one class in the clean data
                     warnings.append(f"trigger scan skipped: {exc}; fine-tuned without a proxy")
                 else:
-                    proxy = scanned.perturbation
-                    if proxy is not None:
-                        proxy = proxy * np.float32(options.proxy_scale)
+                    proxy, alternates = scanned.perturbation, []
+                    if options.proxy_directions > 1 and proxy is not None:
+                        assert scanned.suspect is not None  # a proxy is the suspect's
+                        found = orthogonal_proxies(
+                            model,
+                            splits.train.x,
+                            splits.train.y,
+                            scanned.suspect,
+                            proxy,
+                            options.proxy_directions - 1,
+                            options.seed,
+                            from_logits=kind == "logits",
+                        )
+                        alternates = [p for p, _ in found]
+                        scanned = replace(scanned, alternates=tuple(s for _, s in found))
+                    scale = np.float32(options.proxy_scale)
                     settings = replace(
                         settings,
-                        proxy_trigger=proxy,
+                        proxy_trigger=None if proxy is None else proxy * scale,
+                        proxy_alternates=tuple(p * scale for p in alternates),
                         proxy_target=scanned.suspect,
                         proxy_refresh=bool(options.proxy_refresh),
                         proxy_refresh_floor=_refresh_floor(scanned)
@@ -550,6 +564,7 @@ def _scan_report(found: ScanResult | None, share: float) -> TriggerScan | None:
         suspect=found.suspect,
         share=share,
         seconds=found.seconds,
+        alternates=[round(s, 4) for s in found.alternates],
     )
 
 

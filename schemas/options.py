@@ -156,6 +156,15 @@ class SanitizeOptions(BaseModel):
         "which can be a third of the trigger's own size). Measured on a small ResNet with a "
         "blended trigger, 2 and 3 left more of the backdoor than 1 (README).",
     )
+    proxy_directions: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="How many directions to the scan's suspect class fine-tuning unlearns: "
+        "the scan's proxy and this many less one more, each searched on the delivered model "
+        "at the proxy's size and orthogonal to the proxy and to those before it; a proxied "
+        "image gets one of them at random. A blended trigger leaves many routes to its class.",
+    )
     proxy_refresh: bool | Literal["until-floor"] = Field(
         False,
         description="Search the proxy trigger again before each fine-tuning epoch, on the "
@@ -314,6 +323,13 @@ class SanitizeOptions(BaseModel):
         scans = self.proxy_triggers not in ("auto", 0.0) or (
             self.proxy_triggers == "auto" and self.defense == "fine-pruning"
         )
+        if self.proxy_directions > 1 and not scans:
+            raise ValueError(
+                "proxy_directions needs a proxy: proxy_triggers above 0 (its 'auto' scans for "
+                "fine-pruning only)"
+            )
+        if self.proxy_directions > 1 and self.proxy_refresh:
+            raise ValueError("proxy_refresh refreshes one proxy; use proxy_directions 1 with it")
         if self.proxy_refresh and not scans:
             raise ValueError(
                 "proxy_refresh needs a proxy to refresh: proxy_triggers above 0 (its 'auto' "

@@ -112,6 +112,12 @@ class TriggerScan(_Strict):
     )
     share: float = Field(description="Share of each batch shifted by the suspect's perturbation.")
     seconds: float = Field(0.0, description="What the scan took.")
+    alternates: list[float] = Field(
+        default_factory=list,
+        description="proxy_directions above 1: per further direction (orthogonal to the proxy "
+        "and to those before it), the share of held-apart clean images of the other classes "
+        "it sends to the suspect; the suspect's own success is in `success`.",
+    )
 
 
 class FineTuneRun(_Strict):

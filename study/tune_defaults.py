@@ -208,6 +208,8 @@ SCHEDULES["proxy-x3"] = dict(proxy_scale=3.0)
 SCHEDULES["refresh"] = dict(proxy_refresh=True)
 SCHEDULES["refresh-proxy50"] = dict(proxy_refresh=True, proxy_triggers=0.5)
 SCHEDULES["refresh-floor"] = dict(proxy_refresh="until-floor")
+SCHEDULES["directions4"] = dict(proxy_directions=4)
+SCHEDULES["directions8"] = dict(proxy_directions=8)
 TARGET = GO_STRAIGHT_OR_RIGHT
 POISON_RATE = 0.1
 DEFENDER_IMAGES = 1500

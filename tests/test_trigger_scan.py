@@ -26,6 +26,7 @@ from fineprune.recipe import AUTOMATIC_RATE, FROZEN_HEAD_RATE, PROXY_SHARE, reso
 from fineprune.trigger_scan import (
     ANOMALY_THRESHOLD,
     ProxyRefresher,
+    orthogonal_proxies,
     scan,
     universal_perturbation,
 )
@@ -114,6 +115,52 @@ def test_fine_tuning_shifts_the_asked_share_of_each_batch_by_the_proxy():
     np.testing.assert_allclose(again[changed], np.clip(reshuffled[changed] - delta, 0.0, 1.0))
 
 
+def test_each_of_several_proxies_shifts_some_rows():
+    x, y = textures(512, seed=34)
+    deltas = np.stack([np.full(x.shape[1:], v, np.float32) for v in (0.05, -0.05, 0.1)])
+    settings = tuning_settings(batch_size=512)
+    plain = _dataset(LabelledData(x, y), settings, image_like=True)
+    shuffled = next(iter(plain))[0].numpy()
+    dataset = _dataset(
+        LabelledData(x, y),
+        replace(settings, proxy_trigger=deltas[0], proxy_share=0.5),
+        image_like=True,
+        proxy=tf.Variable(deltas),
+    )
+    shifted = next(iter(dataset))[0].numpy()
+    changed = np.flatnonzero(np.any(shifted != shuffled, axis=(1, 2, 3)))
+    used = []
+    for row in changed:  # each shifted row carries exactly one of the three, whole
+        fits = [
+            np.allclose(shifted[row], np.clip(shuffled[row] + d, 0.0, 1.0), atol=1e-6)
+            for d in deltas
+        ]
+        assert sum(fits) == 1
+        used.append(fits.index(True))
+    counts = np.bincount(used, minlength=3)
+    assert counts.min() > 0.2 * len(changed)  # drawn about evenly
+
+
+def test_orthogonal_proxies_are_orthogonal_and_reach_the_backdoor(backdoored):
+    x, y = textures(600, seed=38)
+    found = scan(backdoored, x, y, seed=0)
+    assert found.perturbation is not None and found.suspect == 0
+    proxy = found.perturbation
+    more = orthogonal_proxies(backdoored, x, y, 0, proxy, count=2, seed=0, from_logits=False)
+    assert len(more) == 2
+    directions = [proxy, *(p for p, _ in more)]
+    flat = np.stack([d.ravel() / np.linalg.norm(d) for d in directions])
+    np.testing.assert_allclose(flat @ flat.T, np.eye(3), atol=1e-3)
+    radius = float(np.linalg.norm(proxy))
+    others = x[y != 0]
+    untouched = (backdoored.predict(others, verbose=0).argmax(-1) == 0).mean()
+    for delta, success in more:
+        assert np.linalg.norm(delta) <= radius * (1 + 1e-4)
+        assert 0.0 <= success <= 1.0
+    sent = backdoored.predict(others + more[0][0], verbose=0).argmax(-1)
+    assert (sent == 0).mean() > untouched + 0.1  # a second route to the backdoor's class
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory, backdoored) -> dict[str, Path]:
     return backdoor_inputs(tmp_path_factory.mktemp("scan"), backdoored, seed=35)
@@ -158,6 +205,20 @@ def test_proxy_scale_strengthens_the_proxy_that_fine_tuning_adds(files, tmp_path
     assert tripled.history[0].loss != once.history[0].loss  # ...so this is the scale
     with pytest.raises(ValidationError):
         SanitizeOptions(proxy_scale=0.0)
+
+
+def test_sanitize_unlearns_several_directions_and_reports_each(files, tmp_path: Path):
+    options = SanitizeOptions(epochs=1, proxy_triggers=0.5, proxy_directions=3, averaged_runs=1)
+    report = sanitize(Inputs(files["keras"], files["clean"]), tmp_path / "out", options)
+    assert report.fine_tuning is not None and report.fine_tuning.trigger_scan is not None
+    alternates = report.fine_tuning.trigger_scan.alternates
+    assert len(alternates) == 2 and all(0.0 <= s <= 1.0 for s in alternates)
+    with pytest.raises(ValidationError, match="proxy_directions needs a proxy"):
+        SanitizeOptions(proxy_directions=2, proxy_triggers=0.0)
+    with pytest.raises(ValidationError, match="refreshes one proxy"):
+        SanitizeOptions(proxy_directions=2, proxy_refresh=True)
+    with pytest.raises(ValidationError):
+        SanitizeOptions(proxy_directions=0)
 
 
 def test_a_refresh_continues_the_proxy_within_its_radius(backdoored):
