@@ -81,15 +81,6 @@ def _parse_switch(value: str) -> bool | str:
     raise typer.BadParameter(f"{value!r} is none of yes, no, auto")
 
 
-def _parse_refresh(value: str) -> bool | str:
-    if value.strip().lower() == "until-floor":
-        return "until-floor"
-    switch = _parse_switch(value)
-    if switch == "auto":
-        raise typer.BadParameter(f"{value!r} is none of yes, no, until-floor")
-    return switch
-
-
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -177,9 +168,9 @@ def sanitize(
     proxy_directions: Annotated[int, typer.Option(help=_help("proxy_directions"))] = _default(
         "proxy_directions"
     ),
-    proxy_refresh: Annotated[
-        str, typer.Option(metavar="yes|no|until-floor", help=_help("proxy_refresh"))
-    ] = "no",
+    proxy_refresh: Annotated[bool, typer.Option(help=_help("proxy_refresh"))] = _default(
+        "proxy_refresh"
+    ),
     patience: Annotated[int, typer.Option(help=_help("patience"))] = _default("patience"),
     epoch_choice: Annotated[str, typer.Option(help=_help("epoch_choice"))] = _default(
         "epoch_choice"
@@ -236,7 +227,7 @@ def sanitize(
             proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
             proxy_scale=proxy_scale,
             proxy_directions=proxy_directions,
-            proxy_refresh=_parse_refresh(proxy_refresh),
+            proxy_refresh=proxy_refresh,
             patience=patience,
             epoch_choice=epoch_choice,
             freeze_batchnorm=freeze_batchnorm,

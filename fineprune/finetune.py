@@ -75,8 +75,6 @@ class FineTuneSettings:
     # the proxy or one of these, drawn at random (trigger_scan.orthogonal_proxies).
     proxy_alternates: tuple[np.ndarray, ...] = ()
     proxy_refresh: bool = False  # search the proxy again on the tuned model before each epoch
-    # Stop refreshing once a refresh's success falls to this (None: refresh every epoch).
-    proxy_refresh_floor: float | None = None
     # For the caller that averages runs (fineprune.averaging); one fine_tune ignores them.
     averaged_runs: int = 1
     extrapolation: float = 1.0
@@ -337,7 +335,6 @@ def fine_tune(
                 proxy,
                 settings.seed,
                 from_logits=kind == "logits",
-                floor=settings.proxy_refresh_floor,
             )
     dataset = _dataset(train, settings, image_like, proxy)
     callbacks = [_KeepZeroed(model, zero_masks)] if zero_masks else []

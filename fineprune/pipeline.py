@@ -199,10 +199,7 @@ def sanitize(
                         proxy_trigger=None if proxy is None else proxy * scale,
                         proxy_alternates=tuple(p * scale for p in alternates),
                         proxy_target=scanned.suspect,
-                        proxy_refresh=bool(options.proxy_refresh),
-                        proxy_refresh_floor=_refresh_floor(scanned)
-                        if options.proxy_refresh == "until-floor"
-                        else None,
+                        proxy_refresh=options.proxy_refresh,
                     )
                 if scanned is not None and scanned.suspect is None:
                     warnings.append(
@@ -543,15 +540,6 @@ def _run_report(tuning: FineTuneResult) -> FineTuneRun:
         validation_accuracy=kept.get("val_accuracy", 0.0),
         attack_success_rate=kept.get("attack_success_rate"),
     )
-
-
-def _refresh_floor(found: ScanResult) -> float | None:
-    """What a perturbation of the scan's size gets from an ordinary class: the median
-    success of the classes other than the suspect."""
-    if found.suspect is None:
-        return None
-    others = [s for c, s in enumerate(found.success) if c != found.suspect]
-    return float(np.median(others))
 
 
 def _scan_report(found: ScanResult | None, share: float) -> TriggerScan | None:

@@ -143,10 +143,6 @@ class ProxyRefresher:
     radius, on images of the other classes drawn afresh, and writes the result into the
     variable that fine-tuning reads, so the proxy follows what is left. Its success is read
     on other images than it was searched on, as the scan's is.
-
-    With a `floor` (the success that an ordinary class gets from a perturbation of this size),
-    refreshing stops at the first refresh that falls to it: the shortcut is then no easier
-    to reach than any class, and searching on would train against a generic perturbation.
     """
 
     def __init__(
@@ -158,7 +154,6 @@ class ProxyRefresher:
         proxy: tf.Variable,
         seed: int,
         from_logits: bool,
-        floor: float | None = None,
         images: int = SCAN_IMAGES,
         steps: int = SCAN_STEPS,
         check_images: int = CHECK_IMAGES,
@@ -172,18 +167,13 @@ class ProxyRefresher:
         self._images = images
         self._steps = steps
         self._check_images = check_images
-        self.floor = floor
-        self.settled = False  # a refresh fell to the floor: the proxy stays as it is now
 
     @property
     def perturbation(self) -> np.ndarray:
         return keras.ops.convert_to_numpy(self._proxy)[0]
 
-    def __call__(self) -> float | None:
-        """Refresh the proxy; return the share of held-apart images it sends to the suspect
-        (None, and nothing changed, once settled)."""
-        if self.settled:
-            return None
+    def __call__(self) -> float:
+        """Refresh the proxy; return the share of held-apart images it sends to the suspect."""
         rows = self._rng.permutation(len(self._x))
         search, check = rows[: self._images], rows[self._images :][: self._check_images]
         if len(check) == 0:  # too few images to hold any apart: read it where it was found
@@ -192,9 +182,7 @@ class ProxyRefresher:
             self._x[search], self._target, self._radius, self._steps, self.perturbation
         )
         self._proxy.assign(found[None])
-        success = self._descend.success(found, self._x[check], self._target)
-        self.settled = self.floor is not None and success <= self.floor
-        return success
+        return self._descend.success(found, self._x[check], self._target)
 
 
 def scan(

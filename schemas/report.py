@@ -94,8 +94,7 @@ class EpochRecord(_Strict):
         None,
         description="proxy_refresh only: share of clean images of the other classes, held "
         "apart from this epoch's refresh search, that the refreshed proxy sends to the suspect "
-        "class, before the epoch trains. None on epochs without a refresh (the first, and "
-        "under 'until-floor' those after the refresh that fell to the floor).",
+        "class, before the epoch trains (None on the first epoch, which has no refresh).",
     )
 
 

@@ -188,12 +188,12 @@ def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path)
         (["--data", "{clean}", "--freeze-head", "maybe"], 2, "maybe"),
         (["--data", "{clean}", "--epochs", "many"], 2, "many"),
         (["--data", "{clean}", "--defense", "fst", "--freeze-head", "yes"], 2, "freeze_head"),
-        (["--data", "{clean}", "--proxy-refresh", "auto"], 2, "none of yes, no, until-floor"),
         (
-            ["--data", "{clean}", "--proxy-refresh", "until-floor", "--proxy-triggers", "0"],
+            ["--data", "{clean}", "--proxy-refresh", "--proxy-triggers", "0"],
             2,
             "proxy_refresh needs a proxy",
         ),
+        (["--data", "{clean}", "--proxy-directions", "0"], 2, "proxy_directions"),
     ],
 )
 def test_cli_fails_with_one_clear_line(files, tmp_path: Path, args, code: int, message: str):

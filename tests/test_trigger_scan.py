@@ -233,7 +233,6 @@ def test_a_refresh_continues_the_proxy_within_its_radius(backdoored):
     np.testing.assert_array_equal(refresher.perturbation, delta)
     assert np.linalg.norm(delta) <= radius * (1 + 1e-4)
     assert not np.array_equal(delta, found.perturbation)
-    assert not refresher.settled  # no floor: it refreshes every time
     # On the model the backdoor is whole in, the continued proxy still reaches it.
     others = x[y != 0]
     sent = backdoored.predict(others + delta, verbose=0).argmax(-1)
@@ -242,25 +241,8 @@ def test_a_refresh_continues_the_proxy_within_its_radius(backdoored):
     assert all(0.5 < s <= 1.0 for s in successes)
 
 
-def test_a_refresh_that_falls_to_the_floor_is_the_last(backdoored):
-    x, y = textures(600, seed=37)
-    found = scan(backdoored, x, y, seed=0)
-    assert found.perturbation is not None
-    proxy = tf.Variable(found.perturbation[None])
-    # The backdoor is whole: a refresh reaches it from most images, above a low floor...
-    above = ProxyRefresher(backdoored, x, y, 0, proxy, seed=0, from_logits=False, floor=0.2)
-    assert above() > 0.2 and not above.settled
-    # ...and at a floor it cannot pass, the first refresh settles and later ones change nothing.
-    settling = ProxyRefresher(backdoored, x, y, 0, proxy, seed=1, from_logits=False, floor=1.0)
-    first = settling()
-    assert first is not None and settling.settled
-    kept = proxy.numpy()
-    assert settling() is None
-    np.testing.assert_array_equal(proxy.numpy(), kept)
-
-
 def test_proxy_refresh_searches_again_before_every_epoch_but_the_first(files, tmp_path: Path):
-    def tune(refresh: bool | str, name: str):
+    def tune(refresh: bool, name: str):
         options = SanitizeOptions(
             epochs=3, patience=3, proxy_triggers=0.5, proxy_refresh=refresh, averaged_runs=1
         )
@@ -275,19 +257,6 @@ def test_proxy_refresh_searches_again_before_every_epoch_but_the_first(files, tm
     assert refreshed[0].loss == fixed[0].loss  # the scan's own proxy trains the first epoch
     assert refreshed[1].loss != fixed[1].loss  # then the refreshed one
 
-    # until-floor: the same refreshes, up to the first that falls to the other classes' median.
-    floored = tune("until-floor", "floored")
-    found = floored.trigger_scan
-    assert found is not None and found.suspect is not None
-    floor = float(np.median([s for c, s in enumerate(found.success) if c != found.suspect]))
-    successes = [e.proxy_success for e in floored.history[1:]]
-    assert successes[0] == refreshed[1].proxy_success
-    done = next((i for i, s in enumerate(successes) if s is not None and s <= floor), None)
-    if done is None:
-        assert None not in successes
-    else:
-        assert all(s is None for s in successes[done + 1 :])
-
 
 def test_the_proxy_needs_a_defense_that_fine_tunes():
     with pytest.raises(ValidationError, match="proxy_triggers needs a defense that fine-tunes"):
@@ -301,9 +270,6 @@ def test_the_proxy_needs_a_defense_that_fine_tunes():
     with pytest.raises(ValidationError, match="proxy_refresh needs a proxy to refresh"):
         SanitizeOptions(defense="fine-tuning", proxy_refresh=True)  # its auto does not scan
     assert SanitizeOptions(proxy_refresh=True).proxy_refresh
-    assert SanitizeOptions(proxy_refresh="until-floor").proxy_refresh == "until-floor"
-    with pytest.raises(ValidationError):
-        SanitizeOptions(proxy_refresh="sometimes")
     assert SanitizeOptions(defense="ft-sam", proxy_triggers=0.25, proxy_refresh=True).proxy_refresh
 
 
