@@ -162,6 +162,8 @@ class ProxyRefresher:
         self._x = x[y != target]
         self._target = target
         self._proxy = proxy
+        if proxy.shape[0] != 1:
+            raise ValueError("a refresh follows one proxy, not several directions")
         self._radius = float(tf.norm(proxy))
         self._rng = np.random.default_rng(seed + 7919)
         self._images = images

@@ -239,6 +239,8 @@ def test_a_refresh_continues_the_proxy_within_its_radius(backdoored):
     untouched = backdoored.predict(others, verbose=0).argmax(-1)
     assert (sent == 0).mean() > (untouched == 0).mean() + 0.3
     assert all(0.5 < s <= 1.0 for s in successes)
+    with pytest.raises(ValueError, match="one proxy"):
+        ProxyRefresher(backdoored, x, y, 0, tf.Variable(np.stack([delta, -delta])), 0, False)
 
 
 def test_proxy_refresh_searches_again_before_every_epoch_but_the_first(files, tmp_path: Path):
