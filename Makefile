@@ -23,7 +23,7 @@ format: install
 	$(BIN)/ruff format .
 
 test: install lint  ## install, lint, and run the whole test suite
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15  # the slowest, so a CI log shows where its time went
 
 run: install  ## start the API and one worker (embedded SQLite broker unless REDIS_URL is set)
 	$(BIN)/fineprune serve
