@@ -2,12 +2,15 @@
 
 Every process starts in its own session, so a test can SIGKILL a worker's whole process
 group (main process and pool children) the way a lost machine would, and teardown can
-never leave orphans behind.
+never leave orphans behind. A test run that is itself killed runs no teardown: each process
+is also asked to get SIGTERM when the run dies, or a stray worker would take the next run's
+jobs off the shared Redis (seen: a run stopped with SIGTERM left a worker that did).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -82,6 +85,16 @@ def service_env(artifacts: Path, redis_url: str | None, **settings: Any) -> dict
     return env
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_the_run() -> None:
+    """In the child, before exec: SIGTERM when the test process dies (Linux; elsewhere a
+    no-op, and teardown is the only cleanup)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class Proc:
     """A child process in its own session, with its output in a log file."""
@@ -101,6 +114,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_the_run,
             )
         return cls(name, popen, log)
 
