@@ -163,7 +163,10 @@ class SanitizeOptions(BaseModel):
         description="How many directions to the scan's suspect class fine-tuning unlearns: "
         "the scan's proxy and this many less one more, each searched on the delivered model "
         "at the proxy's size and orthogonal to the proxy and to those before it; a proxied "
-        "image gets one of them at random. A blended trigger leaves many routes to its class.",
+        "image gets one of them at random. A blended trigger leaves many routes to its class "
+        "(0.57-0.99 success for the further directions), but measured with 4 on 18 runs of "
+        "eight victims (README) it met the target as often as 1 (17 of 18), left the same "
+        "attack success within noise and cost patch victims 0.7 points on average.",
     )
     proxy_refresh: bool = Field(
         False,
