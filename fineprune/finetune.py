@@ -243,13 +243,15 @@ def _proxy_shift(
             tf.concat([tf.shape(x)[:1], tf.ones([dims], tf.int32)], 0),
             tf.stack([tf.constant(seed * 100 + 77, tf.int64), step]),
         )
-        which = tf.random.stateless_uniform(
-            tf.shape(x)[:1],
-            tf.stack([tf.constant(seed * 100 + 78, tf.int64), step]),
-            maxval=count,
-            dtype=tf.int32,
-        )
-        pattern = tf.gather(tf.convert_to_tensor(patterns), which)
+        pattern = tf.convert_to_tensor(patterns)  # one: it broadcasts over the batch
+        if count > 1:
+            which = tf.random.stateless_uniform(
+                tf.shape(x)[:1],
+                tf.stack([tf.constant(seed * 100 + 78, tf.int64), step]),
+                maxval=count,
+                dtype=tf.int32,
+            )
+            pattern = tf.gather(pattern, which)
         shifted = tf.clip_by_value(x + tf.cast(pattern, x.dtype), low, high)
         return tf.where(pick < share, shifted, x)
 
