@@ -168,6 +168,9 @@ def sanitize(
     proxy_directions: Annotated[int, typer.Option(help=_help("proxy_directions"))] = _default(
         "proxy_directions"
     ),
+    proxy_augment: Annotated[bool, typer.Option(help=_help("proxy_augment"))] = _default(
+        "proxy_augment"
+    ),
     proxy_refresh: Annotated[bool, typer.Option(help=_help("proxy_refresh"))] = _default(
         "proxy_refresh"
     ),
@@ -227,6 +230,7 @@ def sanitize(
             proxy_triggers=_parse_auto(proxy_triggers, float, "0.25"),
             proxy_scale=proxy_scale,
             proxy_directions=proxy_directions,
+            proxy_augment=proxy_augment,
             proxy_refresh=proxy_refresh,
             patience=patience,
             epoch_choice=epoch_choice,

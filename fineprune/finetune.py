@@ -75,6 +75,7 @@ class FineTuneSettings:
     # the proxy or one of these, drawn at random (trigger_scan.orthogonal_proxies).
     proxy_alternates: tuple[np.ndarray, ...] = ()
     proxy_refresh: bool = False  # search the proxy again on the tuned model before each epoch
+    proxy_augment: bool = False  # shift and zoom a proxied row before the proxy is added
     # For the caller that averages runs (fineprune.averaging); one fine_tune ignores them.
     averaged_runs: int = 1
     extrapolation: float = 1.0
@@ -224,16 +225,22 @@ def _dataset(
         stamp = SyntheticTriggers(settings.synthetic_triggers, data.x, settings.seed)
         ds = ds.enumerate().map(lambda step, xy: (stamp(xy[0], step), xy[1]))
     if proxy is not None:
-        shift = _proxy_shift(proxy, settings.proxy_share, data.x, settings.seed)
+        varied = _augmenter(settings.seed + 2) if settings.proxy_augment and image_like else None
+        shift = _proxy_shift(proxy, settings.proxy_share, data.x, settings.seed, varied)
         ds = ds.enumerate().map(lambda step, xy: (shift(xy[0], step), xy[1]))
     return ds.prefetch(2)
 
 
 def _proxy_shift(
-    patterns: tf.Variable, share: float, reference: np.ndarray, seed: int
+    patterns: tf.Variable,
+    share: float,
+    reference: np.ndarray,
+    seed: int,
+    varied: keras.Sequential | None = None,
 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     """Adds one of `patterns` (stacked; read at every batch: a refresh changes them), drawn
-    per row, to `share` of a batch's rows, kept in the inputs' range."""
+    per row, to `share` of a batch's rows, kept in the inputs' range; `varied` first shifts
+    and zooms those rows, the pattern staying where it is, as a trigger stays on new images."""
     low, high = float(np.min(reference)), float(np.max(reference))
     dims = len(patterns.shape) - 1
     count = int(patterns.shape[0])
@@ -252,7 +259,8 @@ def _proxy_shift(
                 dtype=tf.int32,
             )
             pattern = tf.gather(pattern, which)
-        shifted = tf.clip_by_value(x + tf.cast(pattern, x.dtype), low, high)
+        base = x if varied is None else varied(x, training=True)
+        shifted = tf.clip_by_value(base + tf.cast(pattern, x.dtype), low, high)
         return tf.where(pick < share, shifted, x)
 
     return shift

@@ -200,6 +200,7 @@ def sanitize(
                         proxy_alternates=tuple(p * scale for p in alternates),
                         proxy_target=scanned.suspect,
                         proxy_refresh=options.proxy_refresh,
+                        proxy_augment=options.proxy_augment,
                     )
                 if scanned is not None and scanned.suspect is None:
                     warnings.append(

@@ -180,6 +180,13 @@ class SanitizeOptions(BaseModel):
         "3); it cost 2.2-6.3 points of test accuracy against the default in each of 12 "
         "paired runs, a seed CNN 4.4-5.6 points in all.",
     )
+    proxy_augment: bool = Field(
+        False,
+        description="Shift and zoom each image the proxy trigger is added to (small random "
+        "translations and zooms, the proxy itself kept in place, as a trigger is on new "
+        "images), so that unlearning does not fit only the clean images it is given; the "
+        "images without the proxy are left as they are (image inputs only).",
+    )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
         description="Pruning defenses with plain, SAM or unlearning fine-tuning: keep the "
@@ -331,6 +338,11 @@ class SanitizeOptions(BaseModel):
             )
         if self.proxy_directions > 1 and self.proxy_refresh:
             raise ValueError("proxy_refresh refreshes one proxy; use proxy_directions 1 with it")
+        if self.proxy_augment and not scans:
+            raise ValueError(
+                "proxy_augment needs a proxy to vary the images of: proxy_triggers above 0 (its "
+                "'auto' scans for fine-pruning only)"
+            )
         if self.proxy_refresh and not scans:
             raise ValueError(
                 "proxy_refresh needs a proxy to refresh: proxy_triggers above 0 (its 'auto' "

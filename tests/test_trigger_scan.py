@@ -115,6 +115,31 @@ def test_fine_tuning_shifts_the_asked_share_of_each_batch_by_the_proxy():
     np.testing.assert_allclose(again[changed], np.clip(reshuffled[changed] - delta, 0.0, 1.0))
 
 
+def test_proxy_augment_varies_the_proxied_rows_only_and_keeps_the_proxy_in_place():
+    x, y = textures(512, seed=34)
+    x = 0.2 + 0.6 * x  # nothing clips: what is left after the proxy is the varied image
+    delta = np.where(np.arange(x.shape[2]) % 2 == 0, 0.05, -0.05).astype(np.float32)
+    delta = np.broadcast_to(delta[None, :, None], x.shape[1:]).copy()
+    settings = tuning_settings(batch_size=512)
+    shuffled = next(iter(_dataset(LabelledData(x, y), settings, image_like=True)))[0].numpy()
+    varied = replace(settings, proxy_trigger=delta, proxy_share=0.25, proxy_augment=True)
+    proxy = tf.Variable(delta[None])
+    shifted = next(iter(_dataset(LabelledData(x, y), varied, image_like=True, proxy=proxy)))
+    shifted = shifted[0].numpy()
+    changed = np.any(shifted != shuffled, axis=(1, 2, 3))
+    assert 0.15 < changed.mean() < 0.35  # the other rows are untouched
+    underneath = shifted[changed] - delta
+    # Shifts and zooms move the image: most proxied rows are not the image plus the proxy...
+    moved = np.abs(underneath - shuffled[changed]).max(axis=(1, 2, 3)) > 1e-3
+    assert moved.mean() > 0.8
+    # ...but the proxy is on them whole and unmoved: take it off and an image of the same
+    # range is left (interpolation stays within it), where the proxy moved along would not.
+    assert underneath.min() >= 0.2 - 1e-5 and underneath.max() <= 0.8 + 1e-5
+    with pytest.raises(ValidationError, match="proxy_augment needs a proxy"):
+        SanitizeOptions(proxy_augment=True, proxy_triggers=0.0)
+    assert SanitizeOptions(proxy_augment=True).proxy_augment  # fine-pruning's auto scans
+
+
 def test_each_of_several_proxies_shifts_some_rows():
     x, y = textures(512, seed=34)
     deltas = np.stack([np.full(x.shape[1:], v, np.float32) for v in (0.05, -0.05, 0.1)])
