@@ -331,23 +331,19 @@ class SanitizeOptions(BaseModel):
         scans = self.proxy_triggers not in ("auto", 0.0) or (
             self.proxy_triggers == "auto" and self.defense == "fine-pruning"
         )
-        if self.proxy_directions > 1 and not scans:
+        asked = {
+            "proxy_directions": self.proxy_directions > 1,
+            "proxy_augment": self.proxy_augment,
+            "proxy_refresh": self.proxy_refresh,
+        }
+        unmet = [name for name, on in asked.items() if on and not scans]
+        if unmet:
             raise ValueError(
-                "proxy_directions needs a proxy: proxy_triggers above 0 (its 'auto' scans for "
+                f"{unmet[0]} needs a proxy: proxy_triggers above 0 (its 'auto' scans for "
                 "fine-pruning only)"
             )
         if self.proxy_directions > 1 and self.proxy_refresh:
             raise ValueError("proxy_refresh refreshes one proxy; use proxy_directions 1 with it")
-        if self.proxy_augment and not scans:
-            raise ValueError(
-                "proxy_augment needs a proxy to vary the images of: proxy_triggers above 0 (its "
-                "'auto' scans for fine-pruning only)"
-            )
-        if self.proxy_refresh and not scans:
-            raise ValueError(
-                "proxy_refresh needs a proxy to refresh: proxy_triggers above 0 (its 'auto' "
-                "scans for fine-pruning only)"
-            )
         if self.averaged_runs not in ("auto", 1) and self.defense in FEATURE_SHIFT_DEFENSES:
             raise ValueError(
                 f"averaged_runs needs runs that share a start; {self.defense!r} re-initializes "

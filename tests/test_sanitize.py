@@ -194,6 +194,11 @@ def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path)
             "proxy_refresh needs a proxy",
         ),
         (["--data", "{clean}", "--proxy-directions", "0"], 2, "proxy_directions"),
+        (
+            ["--data", "{clean}", "--defense", "fine-tuning", "--proxy-augment"],
+            2,
+            "proxy_augment needs a proxy",
+        ),
     ],
 )
 def test_cli_fails_with_one_clear_line(files, tmp_path: Path, args, code: int, message: str):

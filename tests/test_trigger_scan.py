@@ -292,9 +292,9 @@ def test_the_proxy_needs_a_defense_that_fine_tunes():
         SanitizeOptions(proxy_triggers=1.5)
     assert SanitizeOptions(defense="fine-tuning", proxy_triggers=0.1).proxy_triggers == 0.1
     assert SanitizeOptions(defense="pruning").proxy_triggers == "auto"  # auto: nothing to tune
-    with pytest.raises(ValidationError, match="proxy_refresh needs a proxy to refresh"):
+    with pytest.raises(ValidationError, match="proxy_refresh needs a proxy"):
         SanitizeOptions(proxy_refresh=True, proxy_triggers=0.0)
-    with pytest.raises(ValidationError, match="proxy_refresh needs a proxy to refresh"):
+    with pytest.raises(ValidationError, match="proxy_refresh needs a proxy"):
         SanitizeOptions(defense="fine-tuning", proxy_refresh=True)  # its auto does not scan
     assert SanitizeOptions(proxy_refresh=True).proxy_refresh
     assert SanitizeOptions(defense="ft-sam", proxy_triggers=0.25, proxy_refresh=True).proxy_refresh
