@@ -355,11 +355,12 @@ def fine_tune(
     # the surviving channels, and only training on clean data removes it.
     best_weights: list[np.ndarray] | None = None
     best = (-1.0, -np.inf)
+    keep_last = settings.keep_last or settings.epoch_choice == "last"
     result = FineTuneResult(
         model=model,
         method=settings.method,
         reinitialized_layer=None if head is None else str(head.name),
-        selected_on="last" if settings.keep_last else "validation",
+        selected_on="last" if keep_last else "validation",
         synthetic_triggers=settings.synthetic_triggers if image_like else 0.0,
         learning_rate=settings.learning_rate,
         frozen_layers=settings.frozen_layers,
@@ -393,7 +394,7 @@ def fine_tune(
             on_epoch(record)
         # A tie on accuracy goes to the later epoch under `latest-best`: on a slice of a
         # hundred or two images ties are common, and the later epoch has unlearned longer.
-        progress = settings.keep_last or (val_accuracy, -val_loss) > best
+        progress = keep_last or (val_accuracy, -val_loss) > best
         latest_tie = settings.epoch_choice == "latest-best" and val_accuracy >= best[0]
         if progress or latest_tie:
             best_weights = model.get_weights()

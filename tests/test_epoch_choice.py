@@ -53,9 +53,19 @@ def test_ties_do_not_hold_off_early_stopping():
     assert len(stopped.history) == best_at + 1 + 2  # two epochs without progress, then stop
 
 
+def test_last_runs_every_epoch_and_keeps_the_last():
+    # The problem `latest-best` stops early on, with patience 2: `last` runs all 12 epochs.
+    last, last_kept = _tune("last", epochs=12, patience=2)
+    assert [e["epoch"] for e in last.history] == list(range(1, 13))
+    assert last.best_epoch == 12 and last.selected_on == "last"
+    assert last_kept == [pytest.approx(last.history[-1]["val_accuracy"])]
+    best = max(last.history, key=lambda e: (e["val_accuracy"], -e["val_loss"]))
+    assert best["epoch"] != 12  # the validation pick would have kept another
+
+
 def test_the_option_reaches_the_fine_tuning_settings():
     model = sequential_bn_flatten(seed=0)
-    for choice in ("latest-best", "lowest-loss"):
+    for choice in ("latest-best", "lowest-loss", "last"):
         settings = fine_tune_settings(SanitizeOptions(epoch_choice=choice), model)
         assert settings.epoch_choice == choice
     with pytest.raises(ValueError, match="epoch_choice"):
