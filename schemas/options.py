@@ -185,7 +185,8 @@ class SanitizeOptions(BaseModel):
         description="Shift and zoom each image the proxy trigger is added to (small random "
         "translations and zooms, the proxy itself kept in place, as a trigger is on new "
         "images), so that unlearning does not fit only the clean images it is given; the "
-        "images without the proxy are left as they are (image inputs only).",
+        "images without the proxy are left as they are (image inputs only). Measured on two "
+        "small ResNet blended victims (README): more attack success left in 3 runs of 4.",
     )
     freeze_head: bool | Literal["auto"] = Field(
         "auto",
@@ -211,7 +212,7 @@ class SanitizeOptions(BaseModel):
         "unlearned longer as the rate decays), or the one with the lowest validation loss; or "
         "'last': every epoch runs (no early stop) and the last is kept, the validation slice "
         "only reported. Measured on a small ResNet, the first two kept the same epoch in 5 "
-        "runs of 6 (README).",
+        "runs of 6; 'last' mended one miss of the default and made another worse (README).",
     )
     sharpness_radius: float = Field(
         2.0,
