@@ -111,7 +111,7 @@ def sanitize(
 
     with run.stage("load"):
         model, info = load_untrusted_model(inputs.model_path)
-        signature = _signature(model)
+        signature = model_signature(model)
         original_parameters = count_parameters(model)
         if options.prunes or options.feature_shift:
             model, inlined = inline_nested_models(model)
@@ -122,7 +122,7 @@ def sanitize(
                 )
         if options.feature_shift and options.fine_tunes:
             classifier_head(model)  # fail now, not after profiling, if there is no Dense head
-        splits = _load_splits(inputs, signature, options, warnings)
+        splits = load_splits(inputs, signature, options, warnings)
 
     with run.stage("profile") as report_progress:
         x_all, rows = _stack(splits)
@@ -295,6 +295,7 @@ def sanitize(
                 validation=len(splits.validation),
                 evaluation=len(splits.evaluation),
                 evaluation_split=splits.evaluation_name,
+                groups=0 if splits.tune.groups is None else len(np.unique(splits.tune.groups)),
                 trigger=len(splits.trigger) if splits.trigger is not None else 0,
             ),
             surgery=_surgery_report(path, result, pruned_channels, profile, rows)
@@ -333,7 +334,7 @@ def _feature_shift_failed(
     )
 
 
-def _signature(model: keras.Model) -> ModelSignature:
+def model_signature(model: keras.Model) -> ModelSignature:
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise InvalidModelError(
             f"model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
@@ -348,7 +349,7 @@ def _signature(model: keras.Model) -> ModelSignature:
     return ModelSignature(shape, classes)
 
 
-def _load_splits(
+def load_splits(
     inputs: Inputs, signature: ModelSignature, options: SanitizeOptions, warnings: list[str]
 ) -> Splits:
     clean = load_clean(inputs.data_path, signature, options.rescale)
@@ -364,9 +365,11 @@ def _load_splits(
             "test",
         )
     else:
-        kept, held = stratified_split(clean.y, options.holdout_fraction, options.seed)
+        kept, held = stratified_split(clean.y, options.holdout_fraction, options.seed, clean.groups)
         tune, evaluation, name = clean.take(kept), clean.take(held), "holdout"
-    train_rows, val_rows = stratified_split(tune.y, options.validation_fraction, options.seed + 1)
+    train_rows, val_rows = stratified_split(
+        tune.y, options.validation_fraction, options.seed + 1, tune.groups
+    )
     trigger = None
     if inputs.trigger_path is not None:
         trigger = load_trigger(inputs.trigger_path, signature, options.rescale)

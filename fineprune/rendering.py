@@ -588,6 +588,11 @@ def _models_section(report: SanitizeReport) -> str:
     if sp.trigger:
         split_rows.append(["trigger", str(sp.trigger), "attack success rate"])
     out += _table(["split", "samples", "used for"], split_rows, numeric=(1,))
+    if sp.groups:
+        out += (
+            f"<p>The clean data named its samples' groups ({sp.groups} in tune): each group "
+            "stayed whole on one side of every split.</p>"
+        )
     return out
 
 

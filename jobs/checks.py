@@ -18,6 +18,7 @@ from fineprune.data import (
     ArrayHeader,
     ModelSignature,
     check_clean_classes,
+    check_groups,
     prepare_labels,
     read_npz_headers,
     trigger_targets,
@@ -118,7 +119,7 @@ def _check_label_values(
 def check_labelled(path: Path, role: str, field: str, info: ModelFileInfo) -> int:
     """Clean or test data: members `x` and `y` that fit the model; returns the sample count."""
     try:
-        headers = read_npz_headers(path, role, {"x", "y"})
+        headers = read_npz_headers(path, role, {"x", "y", "groups"})
         missing = [k for k in ("x", "y") if k not in headers]
         if missing:
             raise InvalidDataError(
@@ -129,6 +130,8 @@ def check_labelled(path: Path, role: str, field: str, info: ModelFileInfo) -> in
         n = headers["x"].shape[0]
         _check_labels(headers["y"], n, role, "y", info.output_units, scalar_ok=False)
         _check_label_values(path, role, "y", headers["y"], n, info.output_units)
+        if "groups" in headers:
+            check_groups(headers["groups"].dtype, headers["groups"].shape, n, role)
     except FinePruneError as exc:
         raise InputRejected(field, exc.kind, exc.message) from exc
     except Exception as exc:

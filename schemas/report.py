@@ -50,6 +50,11 @@ class SplitSizes(_Strict):
     evaluation: int = Field(description="Never trained on; every reported accuracy comes from it.")
     evaluation_split: Literal["holdout", "test"]
     trigger: int = 0
+    groups: int = Field(
+        0,
+        description="Groups named in the clean data's `groups` (in tune), each kept whole on "
+        "one side of every split; 0: the clean data named none, samples were split one by one.",
+    )
 
 
 class CurvePoint(_Strict):

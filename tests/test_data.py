@@ -103,6 +103,14 @@ def test_any_batch_dimension_matches_none(tmp_path: Path):
         ({"x": np.zeros((40, 16, 16, 3), bool), "y": np.arange(40) % 4}, r"dtype bool"),
         ({"x": np.zeros((40, 16, 16, 3), np.float32)}, r"lacks 'y'"),
         ({"y": np.arange(40) % 4}, r"lacks 'x'"),
+        (
+            {"x": np.zeros((40, 16, 16, 3)), "y": np.arange(40) % 4, "groups": np.zeros(39, int)},
+            r"groups have shape \(39,\); expected \(40,\)",
+        ),
+        (
+            {"x": np.zeros((40, 16, 16, 3)), "y": np.arange(40) % 4, "groups": np.zeros((40, 2))},
+            r"groups have dtype float64; expected integers or strings",
+        ),
     ],
 )
 def test_bad_clean_data_is_refused_with_its_reason(tmp_path: Path, arrays, message: str):
@@ -177,3 +185,32 @@ def test_stratified_split_is_seeded_disjoint_and_keeps_every_class():
         assert abs(in_held - 0.25 * n) <= 1
     other_kept, _ = stratified_split(labels, 0.25, seed=4)
     assert not np.array_equal(kept, other_kept)
+
+
+def test_grouped_split_keeps_every_group_whole():
+    # Class 0: ten groups of 6; class 1: five groups of 4; class 2: one group (cannot split);
+    # class 3: two groups of 5, each too big for a quarter of the class.
+    labels = np.repeat([0, 1, 2, 3], [60, 20, 7, 10])
+    groups = np.concatenate(
+        [np.arange(60) // 6, 100 + np.arange(20) // 4, np.full(7, 200), 300 + np.arange(10) // 5]
+    )
+    kept, held = stratified_split(labels, 0.25, seed=3, groups=groups)
+    again = stratified_split(labels, 0.25, seed=3, groups=groups)
+    np.testing.assert_array_equal(kept, again[0])
+    assert set(kept) & set(held) == set() and len(kept) + len(held) == len(labels)
+    assert set(groups[kept]) & set(groups[held]) == set()
+    assert abs((labels[held] == 0).sum() - 15) <= 3  # as near 25 % as groups of 6 allow
+    assert abs((labels[held] == 1).sum() - 5) <= 2
+    assert (labels[held] == 2).sum() == 0  # a class's only group stays on the kept side
+    assert (labels[held] == 3).sum() == 0
+    other_kept, _ = stratified_split(labels, 0.25, seed=4, groups=groups)
+    assert not np.array_equal(kept, other_kept)
+
+
+def test_groups_ride_along_with_their_rows(tmp_path: Path):
+    x, y = _images()
+    names = np.array([f"track-{i // 5}" for i in range(40)])
+    data = load_clean(save_npz(tmp_path / "g.npz", x=x, y=y, groups=names), SIGNATURE, None)
+    assert data.groups is not None
+    part = data.take(np.array([0, 7, 39]))
+    assert list(part.groups) == ["track-0", "track-1", "track-7"]

@@ -15,7 +15,7 @@ import tensorflow as tf
 from factories import residual_block, save_npz, textures, train_backdoored, trigger_set
 
 from fineprune.finetune import SharpnessAware
-from fineprune.pipeline import Inputs, sanitize
+from fineprune.pipeline import Inputs, load_splits, model_signature, sanitize
 from fineprune.recipe import AUTOMATIC_RATE, AUTOMATIC_SHARE, FROZEN_HEAD_RATE
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
@@ -117,6 +117,26 @@ def test_pruning_alone_and_fine_tuning_alone(files, tmp_path: Path):
     assert tuned.output_model.parameters == tuned.input_model.parameters
     assert tuned.splits.evaluation_split == "test" and tuned.splits.evaluation == 800
     assert tuned.fine_pruned.clean_accuracy.split == "test"
+
+
+def test_named_groups_stay_whole_in_every_split(files, tmp_path: Path):
+    with np.load(files["clean"]) as data:
+        x, y = data["x"], data["y"]
+    # Groups of six near-copies of one class, as GTSRB's tracks are frames of one sign.
+    groups = y * 1000 + np.argsort(np.argsort(y, kind="stable"), kind="stable") // 6
+    clean = save_npz(tmp_path / "grouped.npz", x=x, y=y, groups=groups)
+    inputs = Inputs(files["keras"], clean)
+    options = SanitizeOptions(defense="pruning")
+    signature = model_signature(keras.models.load_model(files["keras"], compile=False))
+    splits = load_splits(inputs, signature, options, [])
+    train, validation, held = (
+        set(part.groups) for part in (splits.train, splits.validation, splits.evaluation)
+    )
+    assert train and validation and held
+    assert not train & validation and not train & held and not validation & held
+    report = sanitize(inputs, tmp_path / "out", options)
+    assert report.splits.groups == len(train | validation)
+    assert "each group stayed whole" in (tmp_path / "out" / "report.html").read_text()
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:

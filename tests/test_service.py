@@ -99,6 +99,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "lambda": root / "lambda.keras",
         "not_a_model": root / "not_a_model.keras",
         "bad_shape": save_npz(root / "bad_shape.npz", x=x[:, :8], y=y),
+        "bad_groups": save_npz(root / "bad_groups.npz", x=x, y=y, groups=np.zeros(239, int)),
         "no_target": save_npz(root / "no_target.npz", x=xt),
         "big": save_npz(root / "big.npz", x=big, y=np.arange(400) % 4),
     }
@@ -314,6 +315,9 @@ def test_bad_uploads_are_refused_at_once(stack: Stack, files: dict[str, Path]) -
     body = refused({**good, "data": files["bad_shape"]}, 422)
     assert body["error"] == "invalid_data" and "shape" in body["message"]
     assert body["detail"][0]["loc"] == ["body", "data"]
+
+    body = refused({**good, "data": files["bad_groups"]}, 422)
+    assert body["error"] == "invalid_data" and "groups have shape (239,)" in body["message"]
 
     body = refused({**good, "model": files["not_a_model"]}, 422)
     assert body["error"] == "invalid_model"
