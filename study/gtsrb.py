@@ -21,6 +21,7 @@ STOP, GO_STRAIGHT_OR_RIGHT = 0, 1
 class Split:
     x: np.ndarray  # float32, 0..1
     y: np.ndarray  # 0..8
+    tracks: np.ndarray | None = None  # GTSRB's class*1000 + track (training images only)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ def load(path: Path = DATA, defender_share: float = 0.4, seed: int = 0) -> Gtsrb
         chosen = ids[: max(1, round(defender_share * len(ids)))]
         defender |= np.isin(tracks, chosen)
     return Gtsrb(
-        attacker=Split(x[~defender], y[~defender]),
-        defender=Split(x[defender], y[defender]),
+        attacker=Split(x[~defender], y[~defender], tracks[~defender]),
+        defender=Split(x[defender], y[defender], tracks[defender]),
         test=Split(x_test, y_test),
         names=names,
     )

@@ -104,7 +104,7 @@ def main() -> None:
             Inputs(model_path, clean), Path(tmp), options.model_copy(update={"defense": "pruning"})
         )
         pruned = keras.models.load_model(Path(tmp) / "sanitized.keras", compile=False)
-    # The pipeline's split (fineprune.pipeline._load_splits), so the cut saw what it would.
+    # The pipeline's split (fineprune.pipeline.load_splits), so the cut saw what it would.
     kept, _ = stratified_split(y, options.holdout_fraction, seed)
     tune = LabelledData(x[kept], y[kept])
     train_rows, val_rows = stratified_split(tune.y, options.validation_fraction, seed + 1)
