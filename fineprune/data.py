@@ -352,7 +352,7 @@ def stratified_split(
     """Row indices (kept, split off): `fraction` of every class split off, seeded.
 
     With `groups`, whole groups move: a split that puts frames of one sign on both sides
-    measures memory of that sign, not accuracy (GTSRB's validation frames read 97-99 % where
+    measures memory of that sign, not accuracy (GTSRB's holdout frames read 99-100 % where
     new signs read 80-90 %).
     """
     if groups is not None:

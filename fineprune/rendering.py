@@ -591,7 +591,8 @@ def _models_section(report: SanitizeReport) -> str:
     if sp.groups:
         out += (
             f"<p>The clean data named its samples' groups ({sp.groups} in tune): each group "
-            "stayed whole on one side of every split.</p>"
+            "stayed whole on one side of the tune / holdout split, so the holdout reads "
+            "sources never tuned on.</p>"
         )
     return out
 

@@ -53,7 +53,8 @@ class SplitSizes(_Strict):
     groups: int = Field(
         0,
         description="Groups named in the clean data's `groups` (in tune), each kept whole on "
-        "one side of every split; 0: the clean data named none, samples were split one by one.",
+        "one side of the tune / holdout split (the validation slice is carved image by image); "
+        "0: the clean data named none.",
     )
 
 

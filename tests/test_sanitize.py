@@ -129,13 +129,12 @@ def test_named_groups_stay_whole_in_every_split(files, tmp_path: Path):
     options = SanitizeOptions(defense="pruning")
     signature = model_signature(keras.models.load_model(files["keras"], compile=False))
     splits = load_splits(inputs, signature, options, [])
-    train, validation, held = (
-        set(part.groups) for part in (splits.train, splits.validation, splits.evaluation)
-    )
-    assert train and validation and held
-    assert not train & validation and not train & held and not validation & held
+    tune, held = set(splits.tune.groups), set(splits.evaluation.groups)
+    assert tune and held and not tune & held
+    # The validation slice only ranks epochs, and is carved image by image: groups straddle it.
+    assert set(splits.train.groups) & set(splits.validation.groups)
     report = sanitize(inputs, tmp_path / "out", options)
-    assert report.splits.groups == len(train | validation)
+    assert report.splits.groups == len(tune)
     assert "each group stayed whole" in (tmp_path / "out" / "report.html").read_text()
 
 
