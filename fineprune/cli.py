@@ -112,7 +112,12 @@ def main() -> None:
 def sanitize(
     model: Annotated[Path, typer.Argument(help="Untrusted model: a .keras or legacy .h5 file.")],
     data: Annotated[
-        Path, typer.Option("--data", help="Clean data .npz with x (inputs) and y (labels).")
+        Path,
+        typer.Option(
+            "--data",
+            help="Clean data .npz with x (inputs), y (labels) and optionally groups "
+            "(each sample's source: the holdout takes whole groups).",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory for the model and the report.")],
     trigger_data: Annotated[
@@ -376,7 +381,7 @@ def _parse_settings(pairs: list[str], rescale: str | None) -> dict:
 @app.command()
 def submit(
     model: Annotated[Path, typer.Argument(help="Untrusted model: a .keras or legacy .h5 file.")],
-    data: Annotated[Path, typer.Option("--data", help="Clean data .npz (x, y).")],
+    data: Annotated[Path, typer.Option("--data", help="Clean data .npz (x, y, optional groups).")],
     trigger_data: Annotated[
         Path | None, typer.Option(help="Suspect triggered samples .npz.")
     ] = None,

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 FILE_FIELDS: dict[str, str] = {
     "model": "the untrusted model, .keras or .h5",
-    "data": "clean labelled data, .npz with arrays x and y",
+    "data": "clean labelled data, .npz with arrays x and y (and optional groups)",
     "trigger_data": "optional triggered samples, .npz with x and y_target (or target)",
     "test_data": "optional separate clean test data, .npz with x and y",
 }
