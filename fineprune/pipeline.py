@@ -28,7 +28,7 @@ from fineprune.data import (
     load_trigger,
     stratified_split,
 )
-from fineprune.errors import CancelledError, InvalidModelError
+from fineprune.errors import CancelledError, InvalidDataError, InvalidModelError
 from fineprune.evaluation import output_kind, predict, rate
 from fineprune.feature_shift import classifier_head
 from fineprune.finetune import FineTuneResult, FineTuneSettings, fine_tune
@@ -295,7 +295,7 @@ def sanitize(
                 validation=len(splits.validation),
                 evaluation=len(splits.evaluation),
                 evaluation_split=splits.evaluation_name,
-                groups=0 if splits.tune.groups is None else len(np.unique(splits.tune.groups)),
+                groups=_holdout_groups(splits),
                 trigger=len(splits.trigger) if splits.trigger is not None else 0,
             ),
             surgery=_surgery_report(path, result, pruned_channels, profile, rows)
@@ -334,6 +334,13 @@ def _feature_shift_failed(
     )
 
 
+def _holdout_groups(splits: Splits) -> int:
+    """The groups the holdout split kept whole (0 when none were named, or test data was given)."""
+    if splits.tune.groups is None or splits.evaluation_name != "holdout":
+        return 0
+    return len(np.unique(splits.tune.groups))
+
+
 def model_signature(model: keras.Model) -> ModelSignature:
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise InvalidModelError(
@@ -366,6 +373,11 @@ def load_splits(
         )
     else:
         kept, held = stratified_split(clean.y, options.holdout_fraction, options.seed, clean.groups)
+        if len(held) == 0:
+            raise InvalidDataError(
+                "clean groups leave nothing to hold out: no class has two groups; name finer "
+                "groups, or pass separate test data"
+            )
         tune, evaluation, name = clean.take(kept), clean.take(held), "holdout"
     # The validation slice is carved image by image even when groups are named: on GTSRB a
     # slice of whole tracks (one or two per class) picked epochs by its noise and lost up to

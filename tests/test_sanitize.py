@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from factories import residual_block, save_npz, textures, train_backdoored, trigger_set
 
+from fineprune.errors import InvalidDataError
 from fineprune.finetune import SharpnessAware
 from fineprune.pipeline import Inputs, load_splits, model_signature, sanitize
 from fineprune.recipe import AUTOMATIC_RATE, AUTOMATIC_SHARE, FROZEN_HEAD_RATE
@@ -136,6 +137,10 @@ def test_named_groups_stay_whole_in_every_split(files, tmp_path: Path):
     report = sanitize(inputs, tmp_path / "out", options)
     assert report.splits.groups == len(tune)
     assert "each group stayed whole" in (tmp_path / "out" / "report.html").read_text()
+
+    one_per_class = save_npz(tmp_path / "coarse.npz", x=x, y=y, groups=y)
+    with pytest.raises(InvalidDataError, match="nothing to hold out: no class has two groups"):
+        load_splits(Inputs(files["keras"], one_per_class), signature, options, [])
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
