@@ -517,7 +517,7 @@ def fine_tune_settings(
         extrapolation=recipe.extrapolation,
         relative_rate=options.relative_learning_rate,
         patience=options.patience,
-        epoch_choice=options.epoch_choice,
+        epoch_choice=recipe.epoch_choice,
         freeze_batchnorm=options.freeze_batchnorm,
         seed=options.seed,
         sharpness_radius=options.sharpness,

@@ -205,14 +205,15 @@ class SanitizeOptions(BaseModel):
     patience: int = Field(
         10, ge=1, le=1000, description="Stop fine-tuning after this many epochs without progress."
     )
-    epoch_choice: Literal["latest-best", "lowest-loss", "last"] = Field(
-        "lowest-loss",
+    epoch_choice: Literal["auto", "latest-best", "lowest-loss", "last"] = Field(
+        "auto",
         description="Which fine-tuning epoch is kept, among those with the best accuracy on "
         "the validation slice: the latest (a small slice ties often, and the later epoch has "
         "unlearned longer as the rate decays), or the one with the lowest validation loss; or "
         "'last': every epoch runs (no early stop) and the last is kept, the validation slice "
-        "only reported. Measured on a small ResNet, the first two kept the same epoch in 5 "
-        "runs of 6; 'last' mended one miss of the default and made another worse (README).",
+        "only reported. 'auto': 'last' for fine-pruning a model that pools globally and "
+        "trains whole (on small ResNets it met the target in 13 runs of 15 against 11 for "
+        "'lowest-loss', and never lost a run the other met), 'lowest-loss' otherwise (README).",
     )
     sharpness_radius: float = Field(
         2.0,

@@ -68,5 +68,8 @@ def test_the_option_reaches_the_fine_tuning_settings():
     for choice in ("latest-best", "lowest-loss", "last"):
         settings = fine_tune_settings(SanitizeOptions(epoch_choice=choice), model)
         assert settings.epoch_choice == choice
+    # `auto` keeps the validation pick for a model that does not pool globally
+    # (tests/test_sanitize.py follows it to `last` on one that does).
+    assert fine_tune_settings(SanitizeOptions(), model).epoch_choice == "lowest-loss"
     with pytest.raises(ValueError, match="epoch_choice"):
         SanitizeOptions(epoch_choice="best")

@@ -328,18 +328,20 @@ def test_auto_recipe_follows_the_architecture(files, tmp_path: Path):
     pooled = tmp_path / "pooled.keras"
     residual_block().save(pooled)
     expected = {
-        pooled: (AUTOMATIC_SHARE, AUTOMATIC_RATE, False),
-        files["keras"]: (AUTOMATIC_SHARE, FROZEN_HEAD_RATE, True),
+        pooled: (AUTOMATIC_SHARE, AUTOMATIC_RATE, False, "last"),
+        files["keras"]: (AUTOMATIC_SHARE, FROZEN_HEAD_RATE, True, "validation"),
     }
-    for path, (share, rate, frozen) in expected.items():
+    for path, (share, rate, frozen, selected_on) in expected.items():
         # No proxy: a found one lowers the frozen-head rate (tests/test_trigger_scan.py).
         options = SanitizeOptions(epochs=1, proxy_triggers=0.0)
         report = sanitize(Inputs(path, files["clean"]), tmp_path / path.stem, options)
         assert report.options.synthetic_triggers == "auto" == report.options.freeze_head
+        assert report.options.epoch_choice == "auto"
         assert report.fine_tuning is not None
         assert report.fine_tuning.synthetic_triggers == share
         assert report.fine_tuning.learning_rate == rate
         assert bool(report.fine_tuning.frozen_layers) == frozen
+        assert report.fine_tuning.selected_on == selected_on
 
 
 def test_a_frozen_head_leaves_fine_pruning_as_delivered_after_the_cut(files, tmp_path: Path):
