@@ -653,8 +653,8 @@ def _history_section(report: SanitizeReport) -> str:
         f"<p>{ft.epochs_run} epochs run; {kept}, selected on the "
         f"<b>{_e(ft.selected_on)}</b> split.</p>"
         if ft.selected_on == "validation"
-        else f"<p>{ft.epochs_run} epochs run; the last one kept (★), as asked or as the "
-        "method does.</p>"
+        else f"<p>{ft.epochs_run} epochs run; the last one kept (★), as asked, as the "
+        "method does, or as the recipe of a model that pools globally does.</p>"
     )
     settings = [f"learning rate {ft.learning_rate:g}"] if ft.learning_rate else []
     if ft.synthetic_triggers:
