@@ -120,7 +120,7 @@ def test_pruning_alone_and_fine_tuning_alone(files, tmp_path: Path):
     assert tuned.fine_pruned.clean_accuracy.split == "test"
 
 
-def test_named_groups_stay_whole_in_every_split(files, tmp_path: Path):
+def test_named_groups_stay_whole_across_the_holdout_split(files, tmp_path: Path):
     with np.load(files["clean"]) as data:
         x, y = data["x"], data["y"]
     # Groups of six near-copies of one class, as GTSRB's tracks are frames of one sign.
