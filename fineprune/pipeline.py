@@ -34,6 +34,7 @@ from fineprune.feature_shift import classifier_head
 from fineprune.finetune import FineTuneResult, FineTuneSettings, fine_tune
 from fineprune.graph import ModelGraph, inline_nested_models
 from fineprune.loading import load_untrusted_model, save_model, sha256_file
+from fineprune.near_copies import near_copies, near_copy_warning
 from fineprune.recipe import resolve_recipe
 from fineprune.rendering import write_report_files
 from fineprune.surgery import CutResult, copy_model, cut
@@ -123,6 +124,11 @@ def sanitize(
         if options.feature_shift and options.fine_tunes:
             classifier_head(model)  # fail now, not after profiling, if there is no Dense head
         splits = load_splits(inputs, signature, options, warnings)
+        copies = near_copies(splits.evaluation.x, splits.tune.x, seed=options.seed)
+        if copies is not None:
+            warning = near_copy_warning(copies, splits.evaluation_name, _holdout_groups(splits) > 0)
+            if warning:
+                warnings.append(warning)
 
     with run.stage("profile") as report_progress:
         x_all, rows = _stack(splits)
@@ -296,6 +302,7 @@ def sanitize(
                 evaluation=len(splits.evaluation),
                 evaluation_split=splits.evaluation_name,
                 groups=_holdout_groups(splits),
+                near_copies=None if copies is None else round(copies.share, 4),
                 trigger=len(splits.trigger) if splits.trigger is not None else 0,
             ),
             surgery=_surgery_report(path, result, pruned_channels, profile, rows)

@@ -25,6 +25,7 @@ from schemas.report import (
     FineTuneReport,
     Measurement,
     SanitizeReport,
+    SplitSizes,
     StageMetrics,
     TriggerScan,
 )
@@ -583,7 +584,7 @@ def _models_section(report: SanitizeReport) -> str:
     split_rows = [
         ["tune", str(sp.tune), "profile, choose k, fine-tune"],
         ["validation", str(sp.validation), "carved from tune; picks the epoch only"],
-        [_e(sp.evaluation_split), str(sp.evaluation), "never trained on; reported accuracy"],
+        [_e(sp.evaluation_split), str(sp.evaluation), _evaluation_use(sp)],
     ]
     if sp.trigger:
         split_rows.append(["trigger", str(sp.trigger), "attack success rate"])
@@ -595,6 +596,13 @@ def _models_section(report: SanitizeReport) -> str:
             "sources never tuned on.</p>"
         )
     return out
+
+
+def _evaluation_use(sp: SplitSizes) -> str:
+    use = "never trained on; reported accuracy"
+    if sp.near_copies:
+        use += f" ({sp.near_copies:.1%} have a near-copy in tune)"
+    return use
 
 
 def _mono(text: str) -> str:

@@ -56,6 +56,13 @@ class SplitSizes(_Strict):
         "one side of the tune / holdout split (the validation slice is carved image by image); "
         "0: the clean data named none.",
     )
+    near_copies: float | None = Field(
+        None,
+        description="Share of the evaluation samples (up to 512 checked) whose nearest tune "
+        "sample correlates with it at 0.9 or more, value by value: near-copies (frames of one "
+        "object) make the evaluation read higher than new data would. None: samples too small "
+        "to tell.",
+    )
 
 
 class CurvePoint(_Strict):

@@ -33,6 +33,14 @@ def textures(n: int, seed: int, classes: int = CLASSES) -> tuple[np.ndarray, np.
     return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
 
 
+def frames(base: np.ndarray, copies: int, seed: int) -> np.ndarray:
+    """Each image `copies` times, brighter or darker and a little noisy: frames of one object."""
+    rng = np.random.default_rng(seed)
+    x = np.repeat(base, copies, axis=0)
+    gain = rng.uniform(0.7, 1.3, (len(x), 1, 1, 1))
+    return (x * gain + rng.normal(0, 0.03, x.shape)).astype(np.float32)
+
+
 def stamp(x: np.ndarray) -> np.ndarray:
     out = x.copy()
     out[:, -4:-1, -4:-1, :] = np.array([1.0, 1.0, 0.0], dtype=np.float32)

@@ -12,7 +12,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from factories import residual_block, save_npz, textures, train_backdoored, trigger_set
+from factories import (
+    frames,
+    residual_block,
+    save_npz,
+    textures,
+    train_backdoored,
+    trigger_set,
+)
 
 from fineprune.errors import InvalidDataError
 from fineprune.finetune import SharpnessAware
@@ -121,10 +128,9 @@ def test_pruning_alone_and_fine_tuning_alone(files, tmp_path: Path):
 
 
 def test_named_groups_stay_whole_across_the_holdout_split(files, tmp_path: Path):
-    with np.load(files["clean"]) as data:
-        x, y = data["x"], data["y"]
-    # Groups of six near-copies of one class, as GTSRB's tracks are frames of one sign.
-    groups = y * 1000 + np.argsort(np.argsort(y, kind="stable"), kind="stable") // 6
+    # Six frames of each of 100 images, as GTSRB's tracks are frames of one sign.
+    base, labels = textures(100, seed=100)
+    x, y, groups = frames(base, 6, seed=101), np.repeat(labels, 6), np.repeat(np.arange(100), 6)
     clean = save_npz(tmp_path / "grouped.npz", x=x, y=y, groups=groups)
     inputs = Inputs(files["keras"], clean)
     options = SanitizeOptions(defense="pruning")
@@ -137,6 +143,15 @@ def test_named_groups_stay_whole_across_the_holdout_split(files, tmp_path: Path)
     report = sanitize(inputs, tmp_path / "out", options)
     assert report.splits.groups == len(tune)
     assert "each group stayed whole" in (tmp_path / "out" / "report.html").read_text()
+    assert report.splits.near_copies == 0.0
+    assert not any("near-copy" in w for w in report.warnings)
+
+    # The same frames split image by image: the holdout echoes what was tuned on, and says so.
+    ungrouped = save_npz(tmp_path / "frames.npz", x=x, y=y)
+    echoed = sanitize(Inputs(files["keras"], ungrouped), tmp_path / "echoed", options)
+    assert echoed.splits.near_copies is not None and echoed.splits.near_copies > 0.9
+    assert any("near-copy in the data tuned on" in w for w in echoed.warnings)
+    assert "have a near-copy in tune" in (tmp_path / "echoed" / "report.html").read_text()
 
     one_per_class = save_npz(tmp_path / "coarse.npz", x=x, y=y, groups=y)
     with pytest.raises(InvalidDataError, match="nothing to hold out: no class has two groups"):
