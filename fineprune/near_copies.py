@@ -24,6 +24,8 @@ MIN_VALUES = 64
 # Large images are averaged down to at most this many pixels per side before comparing:
 # near-copies survive it, and the cost stays bounded whatever the upload's resolution.
 MAX_SIDE = 32
+MAX_VALUES = 4096
+CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,27 @@ def near_copies(
     """Share of `evaluation` samples whose nearest `reference` sample correlates >= threshold.
 
     Pearson correlation over each sample's values (so brightness and contrast do not hide a
-    copy). Subsamples both sides so a large upload costs at most a 512 x 4096 product. None
-    when samples are too small to tell a copy from chance, or either side is empty.
+    copy). Both sides are subsampled, images averaged down to MAX_SIDE and other samples to
+    MAX_VALUES positions, CHUNK samples at a time: whatever the upload, at most a
+    512 x 4096 x 4096 product, and memory for one chunk. None when samples are too small to
+    tell a copy from chance, or either side is empty.
     """
     if len(evaluation) == 0 or len(reference) == 0:
         return None
     rng = np.random.default_rng(seed)
-    query = _unit_rows(_subsample(evaluation, max_checked, rng))
-    ref = _unit_rows(_subsample(reference, max_reference, rng))
-    if query.shape[1] < MIN_VALUES:
+    evaluation = _subsample(evaluation, max_checked, rng)
+    reference = _subsample(reference, max_reference, rng)
+    values = _shrunk_values(evaluation[:1]).shape[1]
+    if values < MIN_VALUES:
         return None
+    # Beyond MAX_VALUES (non-image samples only: images are shrunk first), a fixed random subset
+    # of positions, the same on both sides, estimates the correlation at a bounded cost.
+    keep = np.sort(rng.choice(values, MAX_VALUES, replace=False)) if values > MAX_VALUES else None
+    query = _unit_rows(evaluation, keep)
     best = np.full(len(query), -1.0, dtype=np.float32)
-    for start in range(0, len(ref), 1024):
-        best = np.maximum(best, (query @ ref[start : start + 1024].T).max(axis=1))
+    for start in range(0, len(reference), CHUNK):
+        ref = _unit_rows(reference[start : start + CHUNK], keep)
+        best = np.maximum(best, (query @ ref.T).max(axis=1))
     return NearCopies(float(np.mean(best >= threshold)), len(query), threshold)
 
 
@@ -67,15 +77,24 @@ def _subsample(x: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarra
     return x[np.sort(rng.choice(len(x), limit, replace=False))]
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """Each sample shrunk, flattened, centred and scaled to unit length."""
+def _unit_rows(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """Each sample shrunk, flattened, centred and scaled to unit length, CHUNK at a time."""
+    rows = []
+    for start in range(0, len(x), CHUNK):
+        flat = _shrunk_values(x[start : start + CHUNK])
+        if keep is not None:
+            flat = flat[:, keep]
+        flat = flat - flat.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(flat, axis=1, keepdims=True)
+        rows.append(flat / np.maximum(norms, 1e-12))  # a constant sample correlates with nothing
+    return np.concatenate(rows)
+
+
+def _shrunk_values(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 4:
         x = _shrink(x)
-    flat = x.reshape(len(x), -1)
-    flat = flat - flat.mean(axis=1, keepdims=True)
-    norms = np.linalg.norm(flat, axis=1, keepdims=True)
-    return flat / np.maximum(norms, 1e-12)  # a constant sample correlates with nothing
+    return x.reshape(len(x), -1)
 
 
 def _shrink(x: np.ndarray) -> np.ndarray:

@@ -37,6 +37,14 @@ def test_large_images_are_compared_shrunk_and_the_checked_share_is_capped():
     assert found is not None and found.checked == 128 and found.share == 1.0
 
 
+def test_long_feature_vectors_are_compared_on_a_sample_of_positions():
+    rng = np.random.default_rng(0)
+    tuned = rng.normal(size=(30, 20_000)).astype(np.float32)
+    echo = tuned[:10] * 2.0 + rng.normal(0, 0.2, (10, 20_000))
+    found = near_copies(np.concatenate([echo, rng.normal(size=(30, 20_000))]), tuned)
+    assert found is not None and found.share == 0.25
+
+
 def test_samples_too_small_to_tell_are_not_judged():
     rng = np.random.default_rng(0)
     assert near_copies(rng.normal(size=(50, 8)), rng.normal(size=(50, 8))) is None
