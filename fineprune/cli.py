@@ -186,9 +186,9 @@ def sanitize(
     freeze_batchnorm: Annotated[bool, typer.Option(help=_help("freeze_batchnorm"))] = _default(
         "freeze_batchnorm"
     ),
-    sharpness_radius: Annotated[float, typer.Option(help=_help("sharpness_radius"))] = _default(
-        "sharpness_radius"
-    ),
+    sharpness_radius: Annotated[
+        str, typer.Option(metavar="RADIUS|auto", help=_help("sharpness_radius"))
+    ] = str(_default("sharpness_radius")),
     shift_strength: Annotated[float, typer.Option(help=_help("shift_strength"))] = _default(
         "shift_strength"
     ),
@@ -240,7 +240,7 @@ def sanitize(
             patience=patience,
             epoch_choice=epoch_choice,
             freeze_batchnorm=freeze_batchnorm,
-            sharpness_radius=sharpness_radius,
+            sharpness_radius=_parse_auto(sharpness_radius, float, "0.2"),
             shift_strength=shift_strength,
             unlearning_radius=unlearning_radius,
             distillation=_parse_auto(distillation, float, "1"),

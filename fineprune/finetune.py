@@ -100,6 +100,7 @@ class FineTuneResult:
     fallback_reason: str | None = None  # set when this replaced a failed feature-shift run
     synthetic_triggers: float = 0.0  # the share of each batch that was stamped
     learning_rate: float = 0.0
+    sharpness_radius: float = 0.0
     frozen_layers: tuple[str, ...] = ()
     trigger_scan: ScanResult | None = None  # set by the pipeline when it scanned
     proxy_share: float = 0.0  # the share of each batch shifted by the scan's perturbation
@@ -363,6 +364,7 @@ def fine_tune(
         selected_on="last" if keep_last else "validation",
         synthetic_triggers=settings.synthetic_triggers if image_like else 0.0,
         learning_rate=settings.learning_rate,
+        sharpness_radius=settings.sharpness_radius,
         frozen_layers=settings.frozen_layers,
         proxy_share=settings.proxy_share if settings.proxy_trigger is not None else 0.0,
         seed=settings.seed,

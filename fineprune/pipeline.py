@@ -528,7 +528,7 @@ def fine_tune_settings(
         epoch_choice=recipe.epoch_choice,
         freeze_batchnorm=options.freeze_batchnorm,
         seed=options.seed,
-        sharpness_radius=options.sharpness,
+        sharpness_radius=recipe.sharpness_radius,
         feature_shift=options.feature_shift,
         unlearning_radius=options.unlearning,
         distillation=options.distillation_weight,
@@ -542,6 +542,7 @@ def _tuning_report(tuning: FineTuneResult | None) -> FineTuneReport | None:
     return FineTuneReport(
         method=tuning.method,
         learning_rate=tuning.learning_rate,
+        sharpness_radius=tuning.sharpness_radius,
         synthetic_triggers=tuning.synthetic_triggers,
         frozen_layers=list(tuning.frozen_layers),
         trigger_scan=_scan_report(tuning.trigger_scan, tuning.proxy_share),

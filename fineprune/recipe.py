@@ -13,6 +13,8 @@ rate only cost accuracy (README, "The proxy's accuracy cost"): 1e-3 then. What a
 runs still lost was the luck of one fine-tune: with the head frozen, fine-pruning averages three
 and steps a quarter past their average (README, "Averaging fine-tunes"). A model that pools
 globally keeps its last epoch: the validation pick's earlier epochs were its accuracy misses.
+It also takes sharpness-aware steps at a small radius: on held-out small ResNets the plain steps
+lost accuracy that these kept (README, "Sharpness-aware steps for the pooled recipe").
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import keras
 
 from fineprune.graph import leaf_layers
-from schemas.options import SanitizeOptions
+from schemas.options import SHARPNESS_DEFENSES, SanitizeOptions
 
 AUTOMATIC_EPOCHS = 10
 POOLED_EPOCHS = 20
@@ -32,6 +34,8 @@ AUTOMATIC_SHARE = 0.5
 PROXY_SHARE = 0.25
 AVERAGED_RUNS = 3
 AVERAGED_EXTRAPOLATION = 1.25
+SAM_RADIUS = 2.0  # FT-SAM's (Zhu et al., ICCV 2023)
+POOLED_SHARPNESS = 0.2
 _GLOBAL_POOLING = (
     keras.layers.GlobalAveragePooling1D,
     keras.layers.GlobalAveragePooling2D,
@@ -58,6 +62,7 @@ class Recipe:
     averaged_runs: int = 1
     extrapolation: float = 1.0
     epoch_choice: str = "lowest-loss"
+    sharpness_radius: float = 0.0
 
 
 def resolve_recipe(options: SanitizeOptions, model: keras.Model, head: list[str]) -> Recipe:
@@ -102,7 +107,15 @@ def resolve_recipe(options: SanitizeOptions, model: keras.Model, head: list[str]
     choice = options.epoch_choice
     if choice == "auto":
         choice = "last" if pools and plain_fine_pruning and not frozen else "lowest-loss"
+    radius = options.sharpness_radius
+    sam_defense = options.defense in SHARPNESS_DEFENSES
+    if radius == "auto":
+        pooled_recipe = pools and plain_fine_pruning and not frozen
+        radius = SAM_RADIUS if sam_defense else POOLED_SHARPNESS if pooled_recipe else 0.0
+    elif not (sam_defense or plain_fine_pruning):
+        radius = 0.0  # the other defenses change the loss or the update their own way
     return Recipe(
+        sharpness_radius=radius,
         epoch_choice=choice,
         averaged_runs=runs,
         extrapolation=step,

@@ -695,7 +695,10 @@ def _history_section(report: SanitizeReport) -> str:
             f"{report.options.unlearning_radius:g} times the clean inputs' mean norm.</p>"
         )
     elif ft.method == "sharpness-aware":
-        intro += "<p>Method: <b>sharpness-aware</b> (adaptive SAM).</p>"
+        intro += (
+            "<p>Method: <b>sharpness-aware</b> (adaptive SAM, radius "
+            f"{ft.sharpness_radius:g} of each weight's size).</p>"
+        )
     if report.options.distills and not ft.fallback_reason:
         intro += (
             "<p>The delivered model taught the tuned one on mixtures of clean images "

@@ -160,6 +160,9 @@ class FineTuneReport(_Strict):
     synthetic_triggers: float = Field(
         0.0, description="Share of each batch stamped with synthetic triggers ('auto' resolved)."
     )
+    sharpness_radius: float = Field(
+        0.0, description="Radius of the sharpness-aware steps ('auto' resolved); 0: plain steps."
+    )
     frozen_layers: list[str] = Field(
         default_factory=list,
         description="Layers kept as delivered while fine-tuning (the head, with freeze_head).",

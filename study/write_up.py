@@ -10,6 +10,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fineprune.recipe import SAM_RADIUS
 from schemas.report import SanitizeReport
 from study.figures import TITLES
 
@@ -192,6 +193,7 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
     attacks = list(results["attacks"])
     any_report = next(iter(reports.values()))
     options = any_report.options
+    sam_radius = SAM_RADIUS if options.sharpness_radius == "auto" else options.sharpness_radius
     minutes = results["seconds"] / 60
     machine = results["machine"]
     pa = results["attacks"].get("pruning-aware")
@@ -262,7 +264,7 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
         "validation slice of them. *Fine-pruning*: the first, then the second.",
         "- **Defenses beyond the paper** (issue 6), same data and schedule. *FT-SAM* (Zhu et "
         "al., ICCV 2023): fine-tuning with adaptive sharpness-aware minimization, radius "
-        f"{options.sharpness_radius:g}. *FST* (feature-shift tuning, Min et al., NeurIPS 2023): "
+        f"{sam_radius:g}. *FST* (feature-shift tuning, Min et al., NeurIPS 2023): "
         "the classifier head is re-initialized and fine-tuned together with the rest, with a "
         f"penalty of {options.shift_strength:g} times its inner product with the original head "
         "and its norm held at the original's. Each also runs after pruning. None of them sees "

@@ -24,7 +24,14 @@ from factories import (
 from fineprune.errors import InvalidDataError
 from fineprune.finetune import SharpnessAware
 from fineprune.pipeline import Inputs, load_splits, model_signature, sanitize
-from fineprune.recipe import AUTOMATIC_RATE, AUTOMATIC_SHARE, FROZEN_HEAD_RATE
+from fineprune.recipe import (
+    AUTOMATIC_RATE,
+    AUTOMATIC_SHARE,
+    FROZEN_HEAD_RATE,
+    POOLED_SHARPNESS,
+    SAM_RADIUS,
+    resolve_recipe,
+)
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
 
@@ -308,8 +315,10 @@ def test_sharpness_aware_defenses_run_through_the_pipeline(files, tmp_path: Path
         SanitizeOptions(defense=defense, epochs=3),
     )
     assert (report.surgery is not None) == (defense == "fine-pruning-sam")
-    assert report.options.sharpness == report.options.sharpness_radius > 0
+    assert report.options.sharpness_radius == "auto"
     assert report.fine_tuning is not None and report.fine_tuning.epochs_run == 3
+    assert report.fine_tuning.method == "sharpness-aware"
+    assert report.fine_tuning.sharpness_radius == SAM_RADIUS
     assert report.fine_pruned.clean_accuracy.value >= report.baseline.clean_accuracy.value - 0.04
     sanitized = keras.models.load_model(tmp_path / "out" / "sanitized.keras", compile=False)
     before = _accuracy(keras.models.load_model(files["keras"], compile=False), files["independent"])
@@ -343,10 +352,10 @@ def test_auto_recipe_follows_the_architecture(files, tmp_path: Path):
     pooled = tmp_path / "pooled.keras"
     residual_block().save(pooled)
     expected = {
-        pooled: (AUTOMATIC_SHARE, AUTOMATIC_RATE, False, "last"),
-        files["keras"]: (AUTOMATIC_SHARE, FROZEN_HEAD_RATE, True, "validation"),
+        pooled: (AUTOMATIC_SHARE, AUTOMATIC_RATE, False, "last", POOLED_SHARPNESS),
+        files["keras"]: (AUTOMATIC_SHARE, FROZEN_HEAD_RATE, True, "validation", 0.0),
     }
-    for path, (share, rate, frozen, selected_on) in expected.items():
+    for path, (share, rate, frozen, selected_on, radius) in expected.items():
         # No proxy: a found one lowers the frozen-head rate (tests/test_trigger_scan.py).
         options = SanitizeOptions(epochs=1, proxy_triggers=0.0)
         report = sanitize(Inputs(path, files["clean"]), tmp_path / path.stem, options)
@@ -357,6 +366,8 @@ def test_auto_recipe_follows_the_architecture(files, tmp_path: Path):
         assert report.fine_tuning.learning_rate == rate
         assert bool(report.fine_tuning.frozen_layers) == frozen
         assert report.fine_tuning.selected_on == selected_on
+        assert report.fine_tuning.sharpness_radius == radius
+        assert report.fine_tuning.method == ("sharpness-aware" if radius else "plain")
 
 
 def test_a_frozen_head_leaves_fine_pruning_as_delivered_after_the_cut(files, tmp_path: Path):
@@ -388,8 +399,23 @@ def test_a_frozen_head_leaves_fine_pruning_as_delivered_after_the_cut(files, tmp
     assert tuned_report.surgery.layer in moved
 
 
-def test_plain_defenses_do_not_use_sharpness():
-    assert SanitizeOptions(defense="fine-pruning").sharpness == 0.0
+def test_sharpness_radius_is_read_only_where_it_means_something():
+    layers = keras.layers
+    dense_head = keras.Sequential(
+        [keras.Input((16, 16, 3)), layers.Conv2D(4, 3), layers.Flatten(), layers.Dense(4)]
+    )
+    for defense, asked, radius in [
+        ("fine-pruning", "auto", 0.0),  # a dense head over every position: plain steps
+        ("fine-pruning", 0.5, 0.5),
+        ("ft-sam", "auto", SAM_RADIUS),
+        ("fine-pruning-sam", 0.3, 0.3),
+        ("fine-tuning", "auto", 0.0),
+        ("fine-tuning", 0.5, 0.0),  # read only where it means something
+    ]:
+        options = SanitizeOptions(defense=defense, sharpness_radius=asked)
+        assert resolve_recipe(options, dense_head, []).sharpness_radius == radius
+    with pytest.raises(ValueError, match="needs a sharpness_radius above 0"):
+        SanitizeOptions(defense="ft-sam", sharpness_radius=0.0)
     with pytest.raises(ValueError, match="prune_fraction"):
         SanitizeOptions(defense="ft-sam", prune_fraction=0.3)
 
