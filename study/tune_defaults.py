@@ -221,10 +221,12 @@ SCHEDULES["proxy-augment"] = dict(proxy_augment=True)
 SCHEDULES["last-epoch"] = dict(epoch_choice="last")
 # The validation pick, the pooled recipe's default before `auto` kept its last epoch: run
 # beside the default on victims that had no part in that choice.
-SCHEDULES["lowest-loss"] = dict(epoch_choice="lowest-loss")
+SCHEDULES["lowest-loss"] = dict(epoch_choice="lowest-loss")  # plain steps before pooled SAM
 # The pooled recipe (proxy, synthetic triggers, 20 epochs at 1e-3, last epoch) with
 # sharpness-aware steps (FT-SAM's optimizer) at radii below the paper's 2.0, which cost a
-# ResNet 40 points before the proxy existed.
+# ResNet 40 points before the proxy existed. r0.2 became the pooled `default`; a `default` row
+# of the small ResNet recorded before that commit took plain steps (a check run of the new
+# default on blended s20 d20 reproduced the r0.2 row bit for bit: engine-check.jsonl).
 POOLED_RECIPE = dict(
     proxy_triggers=0.25,
     synthetic_triggers=0.5,
