@@ -47,9 +47,9 @@ for path in (REPO, REPO / "tests"):  # the tests' process helpers and tiny-model
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from service_helpers import (  # noqa: E402
+import httpx
+import numpy as np
+from service_helpers import (
     free_port,
     service_env,
     start_api,
@@ -58,7 +58,7 @@ from service_helpers import (  # noqa: E402
     wait_worker,
 )
 
-from jobs.records import FileRecordStore, JobRecord  # noqa: E402
+from jobs.records import FileRecordStore, JobRecord
 
 RESULTS = REPO / "bench" / "results" / "load.json"
 REDIS_URL = "redis://127.0.0.1:6379/11"

@@ -33,16 +33,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/sweep_bench.py` puts bench/ first, not the repo
     sys.path.insert(0, str(REPO))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import fineprune.sweep  # noqa: E402
-from fineprune.architectures import seed_cnn  # noqa: E402
-from fineprune.channels import ChannelPath, trace_channels  # noqa: E402
-from fineprune.graph import ModelGraph  # noqa: E402
-from fineprune.pipeline import Inputs, sanitize  # noqa: E402
-from fineprune.sweep import ChannelSweeper, naive_sweep  # noqa: E402
-from schemas.options import SanitizeOptions  # noqa: E402
+import fineprune.prune.sweep
+from fineprune.pipeline import sanitize
+from fineprune.prune.channels import ChannelPath, trace_channels
+from fineprune.prune.graph import ModelGraph
+from fineprune.prune.sweep import ChannelSweeper, naive_sweep
+from schemas.options import SanitizeOptions
+from study.architectures import seed_cnn
 
 DATA = REPO.parent / "shared" / "data" / "gtsrb_32.npz"
 RESULTS = REPO / "bench" / "results" / "sweep.json"
@@ -169,7 +169,8 @@ def run_sanitize(
 
         started = time.perf_counter()
         report = sanitize(
-            Inputs(model_path=model_path, data_path=data_path),
+            model_path,
+            data_path,
             tmp_dir / "out",
             SanitizeOptions(epochs=epochs),
             progress=progress,
@@ -211,7 +212,7 @@ def machine() -> dict[str, Any]:
 
 def code_version() -> dict[str, Any]:
     """Which engine code was measured: the commit, and the sweep module as it was imported."""
-    sweep_file = Path(fineprune.sweep.__file__)
+    sweep_file = Path(fineprune.prune.sweep.__file__)
     info: dict[str, Any] = {
         "sweep_py_sha256": hashlib.sha256(sweep_file.read_bytes()).hexdigest()[:16],
     }

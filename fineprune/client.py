@@ -22,6 +22,7 @@ from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+REPORT_KINDS = ("json", "html", "png")
 StrPath = str | os.PathLike[str]
 
 
@@ -34,6 +35,18 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.detail = detail
+
+
+class ServiceUnreachable(ConnectionError):
+    """No answer from the service at `url`: it is down, or the URL is not the service's."""
+
+    def __init__(self, url: str, cause: Exception) -> None:
+        detail = str(cause) or type(cause).__name__
+        super().__init__(
+            f"cannot reach the fineprune service at {url} ({detail}); "
+            "is it running, and is that its URL (--url, FINEPRUNE_URL)?"
+        )
+        self.url = url
 
 
 class JobFailed(Exception):
@@ -55,11 +68,14 @@ class Client:
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        url = base_url or os.environ.get("FINEPRUNE_URL", DEFAULT_URL)
+        self.url = (base_url or os.environ.get("FINEPRUNE_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("FINEPRUNE_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(
-            base_url=url, headers=headers, timeout=timeout, transport=transport
+            base_url=self.url,
+            headers=headers,
+            timeout=timeout,
+            transport=transport,
         )
 
     def __enter__(self) -> Client:
@@ -100,17 +116,17 @@ class Client:
                 if path is not None:
                     handle = stack.enter_context(Path(path).open("rb"))
                     files[name] = (Path(path).name, handle, "application/octet-stream")
-            response = self._http.post("/v1/jobs", files=files, data=fields, headers=headers)
+            response = self._request("POST", "/v1/jobs", files=files, data=fields, headers=headers)
         return JobResource.model_validate(self._json(response))
 
     def get(self, job_id: str) -> JobResource:
-        return JobResource.model_validate(self._json(self._http.get(f"/v1/jobs/{job_id}")))
+        return JobResource.model_validate(self._json(self._request("GET", f"/v1/jobs/{job_id}")))
 
     def list(self, limit: int = 20, cursor: str | None = None) -> JobPage:
         params: dict[str, Any] = {"limit": limit}
         if cursor:
             params["cursor"] = cursor
-        return JobPage.model_validate(self._json(self._http.get("/v1/jobs", params=params)))
+        return JobPage.model_validate(self._json(self._request("GET", "/v1/jobs", params=params)))
 
     def iter_jobs(self, page_size: int = 50) -> Iterator[JobResource]:
         cursor = None
@@ -122,7 +138,7 @@ class Client:
             cursor = page.next_cursor
 
     def cancel(self, job_id: str) -> JobResource:
-        return JobResource.model_validate(self._json(self._http.delete(f"/v1/jobs/{job_id}")))
+        return JobResource.model_validate(self._json(self._request("DELETE", f"/v1/jobs/{job_id}")))
 
     def wait(
         self,
@@ -149,7 +165,7 @@ class Client:
     # -- results ---------------------------------------------------------------------------
 
     def report(self, job_id: str) -> SanitizeReport:
-        response = self._http.get(f"/v1/jobs/{job_id}/report")
+        response = self._request("GET", f"/v1/jobs/{job_id}/report")
         return SanitizeReport.model_validate(self._json(response))
 
     def download_model(self, job_id: str, dest: StrPath) -> Path:
@@ -157,20 +173,37 @@ class Client:
         return self._download(f"/v1/jobs/{job_id}/model", Path(dest), f"{job_id}.keras")
 
     def download_report(self, job_id: str, dest: StrPath, kind: str = "html") -> Path:
-        return self._download(f"/v1/jobs/{job_id}/report.{kind}", Path(dest), f"report.{kind}")
+        """One report file (json, html or png) to `dest` (a directory: `<job id>.report.<kind>`)."""
+        if kind not in REPORT_KINDS:
+            raise ValueError(f"report kind {kind!r} is none of {', '.join(REPORT_KINDS)}")
+        path = "report" if kind == "json" else f"report.{kind}"
+        return self._download(f"/v1/jobs/{job_id}/{path}", Path(dest), f"{job_id}.report.{kind}")
+
+    def download_reports(self, job_id: str, folder: StrPath) -> dict[str, Path]:
+        """report.json, .html and .png into `folder`, named by the job so that jobs never clash."""
+        return {kind: self.download_report(job_id, folder, kind) for kind in REPORT_KINDS}
 
     def _download(self, url: str, dest: Path, default_name: str) -> Path:
         target = dest / default_name if dest.is_dir() else dest
         partial = target.with_name(target.name + ".part")
-        with self._http.stream("GET", url) as response:
-            if response.status_code >= 400:
-                response.read()
-                self._json(response)
-            with partial.open("wb") as out:
-                for chunk in response.iter_bytes(1024 * 1024):
-                    out.write(chunk)
+        try:
+            with self._http.stream("GET", url) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._json(response)
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes(1024 * 1024):
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(self.url, exc) from exc
         partial.replace(target)
         return target
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServiceUnreachable(self.url, exc) from exc
 
     # -- service ---------------------------------------------------------------------------
 

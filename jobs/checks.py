@@ -14,17 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fineprune.data import (
-    ArrayHeader,
-    ModelSignature,
+from fineprune.data.labelled import (
     check_clean_classes,
     check_groups,
     prepare_labels,
-    read_npz_headers,
     trigger_targets,
 )
+from fineprune.data.npz import ArrayHeader, read_npz_headers
 from fineprune.errors import FinePruneError, InvalidDataError, InvalidModelError
-from fineprune.inspection import ModelFileInfo, inspect_model_file, layer_index
+from fineprune.load.inspection import ModelFileInfo, inspect_model_file, layer_index
+from fineprune.load.signature import ModelSignature
+from fineprune.text import one_line
 from schemas.options import SanitizeOptions
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ def check_model(path: Path) -> ModelFileInfo:
     except Exception as exc:  # a parser choking on a hostile file is still the file's fault
         log.warning("model inspection failed unexpectedly", exc_info=True)
         raise InputRejected(
-            "model", InvalidModelError.kind, f"the model file could not be read: {_one_line(exc)}"
+            "model",
+            InvalidModelError.kind,
+            f"the model file could not be read: {one_line(exc, with_type=True)}",
         ) from exc
 
 
@@ -164,14 +166,10 @@ def _unreadable(field: str, role: str, exc: Exception) -> InputRejected:
     """A parser choking on a hostile .npz: still a bad upload (422), never a 500."""
     log.warning("%s data check failed unexpectedly", role, exc_info=True)
     return InputRejected(
-        field, InvalidDataError.kind, f"{role} data could not be read: {_one_line(exc)}"
+        field,
+        InvalidDataError.kind,
+        f"{role} data could not be read: {one_line(exc, with_type=True)}",
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 PRUNABLE_CLASSES = ("Conv1D", "Conv2D", "Conv3D", "Dense")

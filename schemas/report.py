@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.options import SanitizeOptions
 
-REPORT_SCHEMA_VERSION = "1"
+REPORT_SCHEMA_VERSION = "2"
 
 SplitName = Literal["tune", "validation", "holdout", "test", "trigger"]
 
@@ -103,12 +103,6 @@ class EpochRecord(_Strict):
         description="Feature-shift tuning only: cosine similarity of the classifier's kernel "
         "with the one it replaced (1: unchanged, 0: orthogonal).",
     )
-    proxy_success: float | None = Field(
-        None,
-        description="proxy_refresh only: share of clean images of the other classes, held "
-        "apart from this epoch's refresh search, that the refreshed proxy sends to the suspect "
-        "class, before the epoch trains (None on the first epoch, which has no refresh).",
-    )
 
 
 class TriggerScan(_Strict):
@@ -124,12 +118,6 @@ class TriggerScan(_Strict):
     )
     share: float = Field(description="Share of each batch shifted by the suspect's perturbation.")
     seconds: float = Field(0.0, description="What the scan took.")
-    alternates: list[float] = Field(
-        default_factory=list,
-        description="proxy_directions above 1: per further direction (orthogonal to the proxy "
-        "and to those before it), the share of held-apart clean images of the other classes "
-        "it sends to the suspect; the suspect's own success is in `success`.",
-    )
 
 
 class FineTuneRun(_Strict):
@@ -163,6 +151,14 @@ class FineTuneReport(_Strict):
     sharpness_radius: float = Field(
         0.0, description="Radius of the sharpness-aware steps ('auto' resolved); 0: plain steps."
     )
+    unlearning_radius: float = Field(
+        0.0,
+        description="Adversarial unlearning only: the perturbations' L2 radius, relative to "
+        "the clean inputs' mean norm.",
+    )
+    distillation: float = Field(
+        0.0, description="Weight of the delivered model's teaching on mixed clean images; 0: none."
+    )
     frozen_layers: list[str] = Field(
         default_factory=list,
         description="Layers kept as delivered while fine-tuning (the head, with freeze_head).",
@@ -194,12 +190,17 @@ class FineTuneReport(_Strict):
 
 
 class SanitizeReport(_Strict):
-    schema_version: Literal["1"] = REPORT_SCHEMA_VERSION
+    schema_version: Literal["2"] = REPORT_SCHEMA_VERSION
     created_at: datetime
     input_model: ModelFile
     output_model: ModelFile
     data: list[DataFile]
     options: SanitizeOptions
+    research: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Experiment settings that differ from the product's (set by the project's "
+        "own study only; empty for every job).",
+    )
     splits: SplitSizes
     surgery: SurgeryReport | None
     curve: list[CurvePoint]
@@ -212,3 +213,67 @@ class SanitizeReport(_Strict):
     versions: dict[str, str]
     seed: int
     warnings: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Reports of schema 1 kept every setting in `options`: the ones that are no longer
+        options move to `research`, the removed ones and their records are dropped."""
+        if not isinstance(data, dict) or data.get("schema_version") != "1":
+            return data
+        return _upgrade_v1(data)
+
+
+_V1_DEFENSES = {
+    "fine-pruning-sam": ("fine-pruning", "sharpness-aware"),
+    "ft-sam": ("fine-tuning", "sharpness-aware"),
+    "fine-pruning-fst": ("fine-pruning", "feature-shift"),
+    "fst": ("fine-tuning", "feature-shift"),
+    "fine-pruning-bau": ("fine-pruning", "adversarial-unlearning"),
+    "bau": ("fine-tuning", "adversarial-unlearning"),
+}
+_V1_REMOVED = {
+    "proxy_scale",
+    "proxy_directions",
+    "proxy_refresh",
+    "proxy_augment",
+    "relative_learning_rate",
+}
+_V1_DEFAULTS: dict[str, Any] = {
+    "validation_fraction": 0.15,
+    "lr_schedule": "cosine",
+    "optimizer": "adam",
+    "augment": False,
+    "patience": 10,
+    "freeze_batchnorm": True,
+    "shift_strength": 1.0,
+    "unlearning_radius": 0.2,
+    "fst_fallback": True,
+}
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    data = {**data, "schema_version": "2"}
+    options = dict(data.get("options") or {})
+    research: dict[str, Any] = {}
+    defense, method = _V1_DEFENSES.get(options.get("defense", ""), (None, None))
+    if defense is not None:
+        options["defense"], research["method"] = defense, method
+    for name in list(options):
+        if name in SanitizeOptions.model_fields:
+            continue
+        value = options.pop(name)
+        if name not in _V1_REMOVED and value not in ("auto", _V1_DEFAULTS.get(name, "auto")):
+            research[name] = value
+    data["options"], data["research"] = options, research
+    tuning = data.get("fine_tuning")
+    if isinstance(tuning, dict):
+        tuning = {**tuning}
+        for record in tuning.get("history") or []:
+            record.pop("proxy_success", None)
+        if isinstance(tuning.get("trigger_scan"), dict):
+            tuning["trigger_scan"] = {
+                k: v for k, v in tuning["trigger_scan"].items() if k != "alternates"
+            }
+        data["fine_tuning"] = tuning
+    return data

@@ -33,14 +33,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 
-from fineprune.architectures import seed_cnn
-from fineprune.attacks import BlendedTrigger, PatchTrigger, Trigger, poison, triggered
-from fineprune.pipeline import Inputs, sanitize
-from fineprune.pruning_aware import pruning_aware_attack
-from schemas.options import SanitizeOptions
+from fineprune.pipeline import sanitize
 from schemas.report import SanitizeReport
 from study import figures, write_up
+from study.architectures import seed_cnn
+from study.attacks import BlendedTrigger, PatchTrigger, Trigger, poison, triggered
+from study.defenses import DEFENSES, defense_settings
 from study.gtsrb import GO_STRAIGHT_OR_RIGHT, STOP, Gtsrb, load
+from study.pruning_aware import pruning_aware_attack
 from study.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,27 +48,11 @@ DOCS = ROOT / "docs"
 OUT = DOCS / "study"
 LAYER = "conv2d_3"
 CACHE = ROOT / ".cache" / "study-victims"
-# Every defense the product offers, in the order the study's table lists them.
-DEFENSES = (
-    "pruning",
-    "fine-tuning",
-    "fine-pruning",
-    "ft-sam",
-    "fine-pruning-sam",
-    "fst",
-    "fine-pruning-fst",
-    "bau",
-    "fine-pruning-bau",
-)
-
-
 # The study's fine-tuning: the classifier head trained, 10 epochs at 1e-3, one run, as every
-# default before the `auto` recipe (README, "How strong the defaults are", says what `auto`
-# does now).
-STUDY_TUNING: dict[str, object] = {
+# default before the `auto` recipe (docs/defaults.md says what `auto` does now).
+STUDY_OPTIONS: dict[str, object] = {"learning_rate": 1e-3, "epochs": 10}
+STUDY_RESEARCH: dict[str, object] = {
     "freeze_head": False,
-    "learning_rate": 1e-3,
-    "epochs": 10,
     "proxy_triggers": 0.0,
     "averaged_runs": 1,
 }
@@ -197,7 +181,7 @@ def run(
     out: Path,
     log: Callable[[str], None] = print,
     cache: Path | None = None,
-    defenses: tuple[str, ...] = DEFENSES,
+    defenses: tuple[str, ...] = tuple(DEFENSES),
 ) -> dict:
     """Attack, then defend; with a cache, defenses not re-run are kept from the last run."""
     started = time.perf_counter()
@@ -269,13 +253,18 @@ def run(
                     stale.unlink()
             for defense in defenses:
                 log(f"{attack}: defense {defense}")
-                options = SanitizeOptions(defense=defense, seed=config.seed, **STUDY_TUNING)
+                chosen = {**STUDY_OPTIONS, "seed": config.seed}
                 if config is QUICK:
-                    options = options.model_copy(update={"epochs": 2})
+                    chosen["epochs"] = 2
+                options, research = defense_settings(defense, chosen, STUDY_RESEARCH)
                 report = sanitize(
-                    Inputs(model_path, clean_path, trigger_path=trigger_path, test_path=test_path),
+                    model_path,
+                    clean_path,
                     work / f"{attack}-{defense}",
                     options,
+                    trigger_data=trigger_path,
+                    test_data=test_path,
+                    research=research,
                 )
                 (out / "reports" / f"{attack}-{defense}.json").write_text(
                     report.model_dump_json(indent=1)

@@ -10,7 +10,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fineprune.recipe import SAM_RADIUS
+from fineprune.tune.recipe import SAM_RADIUS, Research
 from schemas.report import SanitizeReport
 from study.figures import TITLES
 
@@ -193,7 +193,9 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
     attacks = list(results["attacks"])
     any_report = next(iter(reports.values()))
     options = any_report.options
-    sam_radius = SAM_RADIUS if options.sharpness_radius == "auto" else options.sharpness_radius
+    research = Research(**any_report.research)
+    radius = research.sharpness_radius
+    sam_radius = SAM_RADIUS if radius == "auto" else radius
     minutes = results["seconds"] / 60
     machine = results["machine"]
     pa = results["attacks"].get("pruning-aware")
@@ -258,15 +260,15 @@ def render(results: dict, reports: dict[str, SanitizeReport], figures_dir: Path,
         f"on the defender's images, remove channels in increasing order of mean activation "
         f"(physically: the layer gets narrower), and stop at the largest count whose accuracy "
         f"on the defender's images stays within {options.max_accuracy_drop:g} points. "
-        f"*Fine-tuning*: {options.epochs} epochs of {options.optimizer} at "
-        f"{options.learning_rate:g} ({options.lr_schedule} decay, BatchNorm frozen) on the "
-        f"defender's images, the epoch picked on a {options.validation_fraction:.0%} "
+        f"*Fine-tuning*: {options.epochs} epochs of {research.optimizer} at "
+        f"{options.learning_rate:g} ({research.lr_schedule} decay, BatchNorm frozen) on the "
+        f"defender's images, the epoch picked on a {research.validation_fraction:.0%} "
         "validation slice of them. *Fine-pruning*: the first, then the second.",
         "- **Defenses beyond the paper** (issue 6), same data and schedule. *FT-SAM* (Zhu et "
         "al., ICCV 2023): fine-tuning with adaptive sharpness-aware minimization, radius "
         f"{sam_radius:g}. *FST* (feature-shift tuning, Min et al., NeurIPS 2023): "
         "the classifier head is re-initialized and fine-tuned together with the rest, with a "
-        f"penalty of {options.shift_strength:g} times its inner product with the original head "
+        f"penalty of {research.shift_strength:g} times its inner product with the original head "
         "and its norm held at the original's. Each also runs after pruning. None of them sees "
         "a trigger.",
         "",

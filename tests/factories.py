@@ -12,8 +12,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fineprune.data import LabelledData
-from fineprune.finetune import FineTuneSettings
+from fineprune.data.labelled import LabelledData
+from fineprune.tune.recipe import Recipe, Research, resolve_recipe
+from schemas.options import SanitizeOptions
 
 SIZE = 16
 CLASSES = 4
@@ -232,7 +233,7 @@ def taught_loss(kernel, bias, x: np.ndarray, y: np.ndarray, teacher: keras.Model
     return labels - weight * tf.reduce_mean(tf.reduce_sum(q * tf.math.log(p), axis=-1))
 
 
-def tuning_settings(**changes: object) -> FineTuneSettings:
+def tuning_recipe(**changes: object) -> Recipe:
     """Plain fine-tuning at a constant 1e-3, BatchNorm frozen; `changes` override any field."""
     settings: dict[str, object] = dict(
         epochs=1,
@@ -245,4 +246,60 @@ def tuning_settings(**changes: object) -> FineTuneSettings:
         freeze_batchnorm=True,
         seed=0,
     )
-    return FineTuneSettings(**{**settings, **changes})
+    return Recipe(**{**settings, **changes})
+
+
+# The study's defense names, as the engine's defense and research method.
+METHODS = {
+    "ft-sam": ("fine-tuning", "sharpness-aware"),
+    "fine-pruning-sam": ("fine-pruning", "sharpness-aware"),
+    "fst": ("fine-tuning", "feature-shift"),
+    "fine-pruning-fst": ("fine-pruning", "feature-shift"),
+    "bau": ("fine-tuning", "adversarial-unlearning"),
+    "fine-pruning-bau": ("fine-pruning", "adversarial-unlearning"),
+}
+
+
+def settings(defense: str = "fine-pruning", **values: object) -> tuple[SanitizeOptions, Research]:
+    """Options and research settings from one flat list, as the tests used to write them."""
+    public, method = METHODS.get(defense, (defense, "plain"))
+    options = {k: v for k, v in values.items() if k in SanitizeOptions.model_fields}
+    research = {k: v for k, v in values.items() if k not in options}
+    return SanitizeOptions(defense=public, **options), Research(method=method, **research)
+
+
+def recipe_for(
+    model: keras.Model,
+    head: list[str],
+    defense: str = "fine-pruning",
+    proxy_found: bool = True,
+    **values: object,
+) -> Recipe:
+    """What the recipe resolves to for `model` under these settings."""
+    return resolve_recipe(*settings(defense, **values), model, head, proxy_found)
+
+
+def sanitize_with(
+    model: Path,
+    data: Path,
+    out: Path,
+    defense: str = "fine-pruning",
+    trigger: Path | None = None,
+    test: Path | None = None,
+    progress=None,
+    **values: object,
+):
+    """`fineprune.sanitize` under `settings(defense, **values)`."""
+    from fineprune.pipeline import sanitize
+
+    options, research = settings(defense, **values)
+    return sanitize(
+        model,
+        data,
+        out,
+        options,
+        trigger_data=trigger,
+        test_data=test,
+        progress=progress,
+        research=research,
+    )

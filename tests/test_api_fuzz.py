@@ -150,7 +150,7 @@ def target(fuzz_redis: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 return response.json()["id"]
 
             wait_worker(worker)
-            done = [submit({"epochs": 1, "patience": 1, "seed": seed}) for seed in (0, 1)]
+            done = [submit({"epochs": 1, "seed": seed}) for seed in (0, 1)]
             for job_id in done:
                 body = poll_job(client, job_id, final, timeout=180, interval=0.5)
                 assert body["state"] == "succeeded", body

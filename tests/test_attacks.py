@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fineprune.architectures import seed_cnn, small_resnet, small_vgg
-from fineprune.attacks import BlendedTrigger, PatchTrigger, poison, triggered
+from study.architectures import seed_cnn, small_resnet, small_vgg
+from study.attacks import BlendedTrigger, PatchTrigger, poison, triggered
 
 
 def _images(n: int = 200) -> tuple[np.ndarray, np.ndarray]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from factories import residual_block, sequential_bn_flatten, textures, tuning_settings
+from factories import recipe_for, residual_block, sequential_bn_flatten, textures, tuning_recipe
 
-from fineprune.averaging import average_weights, extrapolate, fine_tune_averaged
-from fineprune.data import LabelledData
-from fineprune.finetune import FineTuneResult, fine_tune
-from fineprune.graph import ModelGraph
-from fineprune.recipe import AVERAGED_EXTRAPOLATION, AVERAGED_RUNS, resolve_recipe
-from schemas.options import SanitizeOptions
+from fineprune.data.labelled import LabelledData
+from fineprune.prune.graph import ModelGraph
+from fineprune.tune.averaging import average_weights, extrapolate, fine_tune_averaged
+from fineprune.tune.loop import FineTuneResult, fine_tune
+from fineprune.tune.recipe import AVERAGED_EXTRAPOLATION, AVERAGED_RUNS, Research
 
 
 def test_average_weights_is_the_element_wise_mean_in_the_runs_dtype():
@@ -58,7 +57,7 @@ def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean(step: 
         seeds.append(seed)
         starts.append(target.get_weights())
         # BatchNorm trains, so its moving statistics move too (and must not be stepped).
-        settings = tuning_settings(
+        settings = tuning_recipe(
             epochs=2, learning_rate=1e-2, patience=5, freeze_batchnorm=False, seed=seed
         )
         result = fine_tune(target, train, validation, settings, "probabilities")
@@ -66,7 +65,7 @@ def test_every_run_starts_from_the_model_and_the_model_ends_as_their_mean(step: 
         return result
 
     results = fine_tune_averaged(model, 3, 7, tune_once, extrapolation=step)
-    assert seeds == [7, 1007, 2007] and [r.seed for r in results] == seeds
+    assert seeds == [7, 1007, 2007] and [r.recipe.seed for r in results] == seeds
     for weights in starts:
         for got, want in zip(weights, start, strict=True):
             np.testing.assert_array_equal(got, want)
@@ -91,9 +90,9 @@ def test_one_run_is_plain_fine_tuning_of_the_model_itself():
 
     def tune_once(target: keras.Model, run: int, seed: int) -> FineTuneResult:
         trained.append(target)
-        return FineTuneResult(model=target, seed=seed)
+        return FineTuneResult(model=target, recipe=tuning_recipe(seed=seed))
 
-    assert [r.seed for r in fine_tune_averaged(model, 1, 4, tune_once)] == [4]
+    assert [r.recipe.seed for r in fine_tune_averaged(model, 1, 4, tune_once)] == [4]
     assert trained == [model]
     with pytest.raises(ValueError, match="at least 1"):
         fine_tune_averaged(model, 0, 4, tune_once)
@@ -102,46 +101,46 @@ def test_one_run_is_plain_fine_tuning_of_the_model_itself():
 def test_auto_averages_fine_pruning_with_a_frozen_head_only():
     model = sequential_bn_flatten()
     head = ModelGraph(model).downstream_layers("conv2")
-    assert resolve_recipe(SanitizeOptions(), model, head).averaged_runs == AVERAGED_RUNS > 1
+    assert recipe_for(model, head).averaged_runs == AVERAGED_RUNS > 1
     for defense in ("fine-tuning", "ft-sam", "fine-pruning-sam", "bau", "fine-pruning-fst"):
-        options = SanitizeOptions(defense=defense)
-        assert resolve_recipe(options, model, head).averaged_runs == 1
-    assert resolve_recipe(SanitizeOptions(averaged_runs=2), model, head).averaged_runs == 2
-    options = SanitizeOptions(defense="ft-sam", averaged_runs=4)
-    assert resolve_recipe(options, model, head).averaged_runs == 4
+        assert recipe_for(model, head, defense=defense).averaged_runs == 1
+    assert recipe_for(model, head, averaged_runs=2).averaged_runs == 2
+    assert recipe_for(model, head, defense="ft-sam", averaged_runs=4).averaged_runs == 4
     # The step past the average comes with averaging under a frozen head, unless asked for.
-    assert resolve_recipe(SanitizeOptions(), model, head).extrapolation == AVERAGED_EXTRAPOLATION
-    assert resolve_recipe(SanitizeOptions(averaged_runs=1), model, head).extrapolation == 1.0
-    assert resolve_recipe(options, model, head).extrapolation == 1.0  # its head trains
-    assert resolve_recipe(SanitizeOptions(defense="bau"), model, head).extrapolation == 1.0
-    options = SanitizeOptions(averaged_runs=1, extrapolation=1.5)
-    assert resolve_recipe(options, model, head).extrapolation == 1.5
+    assert recipe_for(model, head).extrapolation == AVERAGED_EXTRAPOLATION
+    assert recipe_for(model, head, averaged_runs=1).extrapolation == 1.0
+    sam = recipe_for(model, head, defense="ft-sam", averaged_runs=4)
+    assert sam.extrapolation == 1.0  # its head trains
+    assert recipe_for(model, head, defense="bau").extrapolation == 1.0
+    assert recipe_for(model, head, averaged_runs=1, extrapolation=1.5).extrapolation == 1.5
 
 
 def test_a_model_that_pools_globally_runs_once_and_is_not_stepped_unless_asked():
     model = residual_block()
     head = ModelGraph(model).downstream_layers("res_conv")
-    recipe = resolve_recipe(SanitizeOptions(), model, head)
+    recipe = recipe_for(model, head)
     assert not recipe.frozen_layers and recipe.averaged_runs == 1 and recipe.extrapolation == 1.0
-    recipe = resolve_recipe(SanitizeOptions(averaged_runs=3), model, head)
+    recipe = recipe_for(model, head, averaged_runs=3)
     assert recipe.averaged_runs == 3 and recipe.extrapolation == 1.0
-    recipe = resolve_recipe(SanitizeOptions(averaged_runs=3, extrapolation=1.25), model, head)
+    recipe = recipe_for(model, head, averaged_runs=3, extrapolation=1.25)
     assert recipe.extrapolation == 1.25
 
 
 @pytest.mark.parametrize(
-    ("bad", "message"),
-    [
-        ({"averaged_runs": 0}, "averaged_runs must be"),
-        ({"averaged_runs": 17}, "averaged_runs must be"),
-        ({"averaged_runs": 2, "defense": "fst"}, "share a start"),
-        ({"averaged_runs": 2, "defense": "pruning"}, "needs a defense that fine-tunes"),
-        ({"extrapolation": 0.0}, "extrapolation must be"),
-        ({"extrapolation": 4.5}, "extrapolation must be"),
-        ({"extrapolation": 1.5, "defense": "fine-pruning-fst"}, "a start to step away from"),
-        ({"extrapolation": 1.5, "defense": "pruning"}, "needs a defense that fine-tunes"),
-    ],
+    "bad",
+    [{"averaged_runs": 0}, {"averaged_runs": 17}, {"extrapolation": 0.0}, {"extrapolation": 4.5}],
 )
-def test_options_refuse_runs_that_cannot_be_averaged(bad: dict, message: str):
-    with pytest.raises(ValueError, match=message):
-        SanitizeOptions(**bad)
+def test_research_settings_refuse_runs_out_of_range(bad: dict):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Research(**bad)
+
+
+@pytest.mark.parametrize(
+    ("defense", "bad"),
+    [("fst", {"averaged_runs": 2}), ("fine-pruning-fst", {"extrapolation": 1.5})],
+)
+def test_feature_shift_refuses_runs_that_cannot_be_averaged(defense: str, bad: dict):
+    model = sequential_bn_flatten()
+    head = ModelGraph(model).downstream_layers("conv2")
+    with pytest.raises(ValueError, match="one run"):
+        recipe_for(model, head, defense=defense, **bad)

@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 from factories import save_npz
 
-from fineprune.data import (
-    ModelSignature,
-    load_clean,
-    load_labelled,
-    load_trigger,
-    stratified_split,
-)
+from fineprune.data.labelled import load_clean, load_labelled, load_trigger
+from fineprune.data.splits import stratified_split
 from fineprune.errors import InvalidDataError
+from fineprune.load.signature import ModelSignature
 
 SIGNATURE = ModelSignature(input_shape=(16, 16, 3), classes=4)
 

@@ -8,13 +8,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from factories import backdoor_inputs, taught_loss, teaching_problem, train_backdoored
+from factories import (
+    backdoor_inputs,
+    recipe_for,
+    settings,
+    taught_loss,
+    teaching_problem,
+    train_backdoored,
+)
 from pydantic import ValidationError
 
-from fineprune.distillation import Teacher
-from fineprune.finetune import Distilled
-from fineprune.pipeline import Inputs, fine_tune_settings, sanitize
-from schemas.options import SanitizeOptions
+from fineprune.pipeline import sanitize
+from fineprune.tune.methods.plain import Plain
+from fineprune.tune.recipe import Research
+from fineprune.tune.teacher import Teacher
 
 
 def test_a_distilled_step_adds_the_teachers_cross_entropy_to_the_labels():
@@ -26,7 +33,7 @@ def test_a_distilled_step_adds_the_teachers_cross_entropy_to_the_labels():
         loss = taught_loss(k, b, x, y, teacher, weight=3.0)
     gk, gb = tape.gradient(loss, [k, b])
 
-    trainer = Distilled(inner, Teacher(teacher, weight=3.0, mix=0.0))
+    trainer = Plain(inner, Teacher(teacher, weight=3.0, mix=0.0))
     trainer.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
     trainer.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     got_kernel, got_bias = inner.get_weights()
@@ -44,34 +51,32 @@ def test_a_distilled_step_adds_the_teachers_cross_entropy_to_the_labels():
         ("fst", "auto", 1.0),
         ("fine-pruning-bau", "auto", 1.0),
         ("bau", 0.0, 0.0),
-        ("pruning", 1.0, 0.0),  # nothing is fine-tuned, so nothing is taught
     ],
 )
-def test_auto_teaches_the_defenses_that_move_far_and_a_weight_teaches_any(
+def test_auto_teaches_the_methods_that_move_far_and_a_weight_teaches_any(
     defense: str, distillation: float | str, weight: float
 ):
-    options = SanitizeOptions(defense=defense, distillation=distillation)
-    assert options.distills == (weight > 0)
-    assert options.distillation_weight == weight
-    if options.fine_tunes:
-        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
-        settings = fine_tune_settings(options, model)
-        assert settings.distillation == weight
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    assert recipe_for(model, [], defense, distillation=distillation).distillation == weight
 
 
-def test_a_distillation_weight_out_of_range_names_the_option():
-    with pytest.raises(ValidationError, match="distillation must be 'auto' or a weight"):
-        SanitizeOptions(distillation=-1.0)
+def test_a_distillation_weight_out_of_range_names_the_setting():
+    with pytest.raises(ValidationError, match="distillation must be 'auto' or in"):
+        Research(distillation=-1.0)
     with pytest.raises(ValidationError, match="distillation"):
-        SanitizeOptions(distillation="often")
+        Research(distillation="often")
 
 
 def test_fine_pruning_with_a_teacher_says_so_and_removes_the_backdoor(tmp_path: Path):
     files = backdoor_inputs(tmp_path, train_backdoored(seed=3), seed=41)
+    options, research = settings(epochs=3, distillation=1.0)
     report = sanitize(
-        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        files["keras"],
+        files["clean"],
         tmp_path / "out",
-        SanitizeOptions(epochs=3, distillation=1.0),
+        options,
+        trigger_data=files["trigger"],
+        research=research,
     )
     assert report.baseline.attack_success_rate.value >= 0.9
     assert report.fine_tuning is not None and report.fine_tuning.method == "plain"

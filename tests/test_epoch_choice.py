@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from factories import sequential_bn_flatten, textures, tuning_settings
+from factories import recipe_for, sequential_bn_flatten, textures, tuning_recipe
 
-from fineprune.data import LabelledData
-from fineprune.finetune import FineTuneResult, fine_tune
-from fineprune.pipeline import fine_tune_settings
-from schemas.options import SanitizeOptions
+from fineprune.data.labelled import LabelledData
+from fineprune.tune.loop import FineTuneResult, fine_tune
+from fineprune.tune.recipe import Research
 
 
 def _tune(choice: str, epochs: int = 8, patience: int = 20) -> tuple[FineTuneResult, list]:
@@ -20,7 +19,7 @@ def _tune(choice: str, epochs: int = 8, patience: int = 20) -> tuple[FineTuneRes
     wrong[:2] = (wrong[:2] + 1) % (y.max() + 1)
     train, validation = LabelledData(x[:160], y[:160]), LabelledData(x[160:], wrong)
     model = sequential_bn_flatten(seed=4)
-    settings = tuning_settings(
+    settings = tuning_recipe(
         epochs=epochs, learning_rate=3e-2, patience=patience, seed=5, epoch_choice=choice
     )
     result = fine_tune(model, train, validation, settings, "probabilities")
@@ -57,19 +56,18 @@ def test_last_runs_every_epoch_and_keeps_the_last():
     # The problem `latest-best` stops early on, with patience 2: `last` runs all 12 epochs.
     last, last_kept = _tune("last", epochs=12, patience=2)
     assert [e["epoch"] for e in last.history] == list(range(1, 13))
-    assert last.best_epoch == 12 and last.selected_on == "last"
+    assert last.best_epoch == 12 and last.recipe.epoch_choice == "last"
     assert last_kept == [pytest.approx(last.history[-1]["val_accuracy"])]
     best = max(last.history, key=lambda e: (e["val_accuracy"], -e["val_loss"]))
     assert best["epoch"] != 12  # the validation pick would have kept another
 
 
-def test_the_option_reaches_the_fine_tuning_settings():
+def test_the_setting_reaches_the_recipe():
     model = sequential_bn_flatten(seed=0)
     for choice in ("latest-best", "lowest-loss", "last"):
-        settings = fine_tune_settings(SanitizeOptions(epoch_choice=choice), model)
-        assert settings.epoch_choice == choice
+        assert recipe_for(model, [], epoch_choice=choice).epoch_choice == choice
     # `auto` keeps the validation pick for a model that does not pool globally
     # (tests/test_sanitize.py follows it to `last` on one that does).
-    assert fine_tune_settings(SanitizeOptions(), model).epoch_choice == "lowest-loss"
+    assert recipe_for(model, []).epoch_choice == "lowest-loss"
     with pytest.raises(ValueError, match="epoch_choice"):
-        SanitizeOptions(epoch_choice="best")
+        Research(epoch_choice="best")

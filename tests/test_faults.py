@@ -52,7 +52,7 @@ from jobs.queue import PURGE_TASK, make_celery
 from jobs.settings import Settings
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-FAST = {"epochs": 1, "patience": 1}
+FAST = {"epochs": 1}
 RETENTION_S = 30.0
 QUEUE = "fineprune"
 

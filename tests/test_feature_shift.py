@@ -12,7 +12,9 @@ from factories import (
     CLASSES,
     SIZE,
     functional_global_pool,
+    recipe_for,
     residual_block,
+    sanitize_with,
     save_npz,
     separate_activation,
     taught_loss,
@@ -22,16 +24,11 @@ from factories import (
     trigger_set,
 )
 
-from fineprune.distillation import Teacher
 from fineprune.errors import PruningError
-from fineprune.feature_shift import (
-    FeatureShift,
-    alignment,
-    classifier_head,
-    reinitialize,
-)
-from fineprune.pipeline import Inputs, sanitize
-from schemas.options import SanitizeOptions
+from fineprune.prune.graph import classifier_head
+from fineprune.tune.methods.feature_shift import FeatureShift, alignment, reinitialize
+from fineprune.tune.recipe import Research
+from fineprune.tune.teacher import Teacher
 
 
 @pytest.fixture(scope="module")
@@ -138,16 +135,15 @@ def test_the_teacher_term_is_the_cross_entropy_to_the_delivered_models_probabili
     np.testing.assert_allclose(got_bias, bias - 0.1 * gb.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def _sanitized(files, out: Path, options: SanitizeOptions):
-    report = sanitize(
-        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]), out, options
+def _sanitized(files, out: Path, defense: str, **values: object):
+    report = sanitize_with(
+        files["keras"], files["clean"], out, defense, trigger=files["trigger"], **values
     )
     return report, keras.models.load_model(out / "sanitized.keras", compile=False)
 
 
 def test_pruning_then_feature_shift_removes_the_backdoor_and_keeps_accuracy(files, tmp_path):
-    options = SanitizeOptions(defense="fine-pruning-fst")
-    report, sanitized = _sanitized(files, tmp_path / "out", options)
+    report, sanitized = _sanitized(files, tmp_path / "out", "fine-pruning-fst")
     assert report.baseline.attack_success_rate.value >= 0.9
     assert report.fine_pruned.attack_success_rate.value <= 0.05
     assert report.surgery is not None and report.decision.pruned > 0
@@ -171,8 +167,8 @@ def test_feature_shift_alone_unlearns_what_fine_tuning_alone_keeps(files, tmp_pa
     """On this tiny model the backdoor also sits in the hidden Dense layer below the head, so
     FST without pruning does not remove all of it; it must still do far better than plain
     fine-tuning with the same schedule, which keeps the backdoor whole."""
-    tuned, _ = _sanitized(files, tmp_path / "ft", SanitizeOptions(defense="fine-tuning"))
-    shifted, model = _sanitized(files, tmp_path / "fst", SanitizeOptions(defense="fst"))
+    tuned, _ = _sanitized(files, tmp_path / "ft", "fine-tuning")
+    shifted, model = _sanitized(files, tmp_path / "fst", "fst")
     assert tuned.fine_pruned.attack_success_rate.value >= 0.9
     assert shifted.fine_pruned.attack_success_rate.value <= 0.6
     assert shifted.surgery is None
@@ -189,35 +185,33 @@ def test_feature_shift_refuses_a_model_without_a_dense_head_before_any_work(tmp_
     clean = save_npz(tmp_path / "clean.npz", *(), **dict(zip("xy", textures(200, 5), strict=True)))
     stages: list[str] = []
     with pytest.raises(PruningError, match="Dense"):
-        sanitize(
-            Inputs(path, clean),
-            tmp_path / "out",
-            SanitizeOptions(defense="fst"),
-            progress=lambda stage, fraction: stages.append(stage),
+        sanitize_with(
+            path, clean, tmp_path / "out", "fst", progress=lambda s, fraction: stages.append(s)
         )
     assert set(stages) == {"load"}
 
 
-def test_only_the_feature_shift_defenses_shift():
-    assert SanitizeOptions(defense="fst").feature_shift == 1.0
-    assert SanitizeOptions(defense="fine-pruning-fst", shift_strength=0.2).feature_shift == 0.2
-    assert SanitizeOptions(defense="fine-pruning").feature_shift == 0.0
-    assert SanitizeOptions(defense="fine-pruning-fst").prunes
-    assert not SanitizeOptions(defense="fst").prunes
+def test_only_the_feature_shift_method_shifts():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    assert recipe_for(model, [], "fst").shift_strength == 1.0
+    assert recipe_for(model, [], "fine-pruning-fst", shift_strength=0.2).shift_strength == 0.2
+    assert recipe_for(model, [], "fine-pruning").shift_strength == 0.0
+    assert recipe_for(model, [], "fst").method == "feature-shift"
+    assert Research(method="feature-shift").fst_fallback
 
 
 def test_a_feature_shift_that_ruins_accuracy_falls_back_to_plain_fine_tuning(files, tmp_path):
     """A far too strong shift turns the head against the original and the validation slice
     shows it; with the fallback on, the plain schedule runs again from the pruned model."""
-    ruinous = SanitizeOptions(defense="fine-pruning-fst", shift_strength=100.0, epochs=4)
+    ruinous = {"shift_strength": 100.0, "epochs": 4}
     unguarded, _ = _sanitized(
-        files, tmp_path / "off", ruinous.model_copy(update={"fst_fallback": False})
+        files, tmp_path / "off", "fine-pruning-fst", fst_fallback=False, **ruinous
     )
     assert unguarded.fine_tuning is not None and unguarded.fine_tuning.fallback_reason is None
     before = unguarded.baseline.clean_accuracy.value
     assert unguarded.fine_pruned.clean_accuracy.value < before - 0.04  # the failure is real
 
-    guarded, model = _sanitized(files, tmp_path / "on", ruinous)
+    guarded, model = _sanitized(files, tmp_path / "on", "fine-pruning-fst", **ruinous)
     tuning = guarded.fine_tuning
     assert tuning is not None and tuning.method == "plain" and tuning.selected_on == "validation"
     assert tuning.fallback_reason is not None and "validation accuracy" in tuning.fallback_reason

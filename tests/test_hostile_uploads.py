@@ -75,7 +75,7 @@ LIMITS = {
     "max_data_bytes": 1 * MiB,
     "progress_interval": 0.5,
 }
-FAST = {"epochs": 1, "patience": 1}
+FAST = {"epochs": 1}
 EVIL = "fineprune_hostile_evil"  # a module on the services' path that touches a marker if imported
 TESTS = Path(__file__).resolve().parent
 

@@ -23,7 +23,7 @@ import httpx
 import keras
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from factories import save_npz, textures, train_backdoored, trigger_set
+from factories import residual_block, save_npz, textures, train_backdoored, trigger_set
 from service_helpers import (
     API_KEY,
     ROOT,
@@ -48,8 +48,8 @@ from workers import isolation
 from workers.isolation import IsolationFailure, Limits, sanitize_isolated
 
 GiB, MiB = 1024**3, 1024**2
-FAST = SanitizeOptions(epochs=2, patience=2)
-LONG = SanitizeOptions(epochs=400, patience=400)
+FAST = SanitizeOptions(epochs=2)
+LONG = SanitizeOptions(epochs=400)
 # What the child may see: the allowlist's names that these tests' environment can hold.
 CHILD_NAMES = {
     "PATH",
@@ -90,10 +90,12 @@ SECRETS = {
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("isolation-inputs")
     train_backdoored(seed=0, epochs=3).save(root / "model.keras")
+    residual_block().save(root / "pooled.keras")  # its recipe runs every epoch: a long job
     x, y = textures(240, seed=100)
     xt, yt = trigger_set(60, seed=200)
     return {
         "model": root / "model.keras",
+        "pooled": root / "pooled.keras",
         "clean": save_npz(root / "clean.npz", x=x, y=y),
         "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
         "bad_shape": save_npz(root / "bad_shape.npz", x=x[:, :8], y=y),
@@ -131,9 +133,10 @@ def run(
     hook: str | None = None,
     watch: Watch | None = None,
     data: str = "clean",
+    model: str = "model",
 ) -> SanitizeReport:
     watch = watch or Watch(work_root)
-    inputs = {"model": files["model"], "data": files[data]}
+    inputs = {"model": files[model], "data": files[data]}
     with sanitize_isolated(
         inputs,
         options,
@@ -211,10 +214,10 @@ def test_success_returns_the_report_and_model_and_the_child_saw_no_secrets(
 def test_engine_errors_arrive_with_their_kind_and_message(
     files: dict[str, Path], tmp_path: Path
 ) -> None:
-    from fineprune.pipeline import Inputs, sanitize
+    from fineprune.pipeline import sanitize
 
     with pytest.raises(InvalidDataError) as in_process:
-        sanitize(Inputs(files["model"], files["bad_shape"]), tmp_path / "direct", FAST)
+        sanitize(files["model"], files["bad_shape"], tmp_path / "direct", FAST)
     with pytest.raises(FinePruneError) as isolated:
         run(files, tmp_path / "work", data="bad_shape")
     assert type(isolated.value) is InvalidDataError
@@ -256,7 +259,7 @@ def test_a_memory_limit_too_small_is_out_of_memory_not_a_hang(
     with pytest.raises(IsolationFailure) as failure:
         run(files, tmp_path / "work", limits=Limits(limit_mib * MiB, 600))
     assert failure.value.kind == "out_of_memory", failure.value.message
-    assert f"{limit_mib} MiB" in failure.value.message
+    assert f"{limit_mib:.1f} MiB" in failure.value.message
     assert time.monotonic() - started < 180
 
 
@@ -291,7 +294,7 @@ def test_stopping_a_running_job_kills_its_process(
     )
     expected = CancelledError if stop == "cancel" else SoftTimeLimitExceeded
     with pytest.raises(expected):
-        run(files, work_root, options=LONG, hook="probe", watch=watch)
+        run(files, work_root, options=LONG, hook="probe", watch=watch, model="pooled")
     assert watch.probe is not None
     assert gone(watch.probe["pid"])
     assert list(work_root.iterdir()) == []
@@ -306,13 +309,13 @@ def test_the_child_dies_with_its_parent(files: dict[str, Path], tmp_path: Path) 
         "from schemas.options import SanitizeOptions\n"
         "from workers.isolation import Limits, sanitize_isolated\n"
         "inputs = {'model': Path(sys.argv[1]), 'data': Path(sys.argv[2])}\n"
-        "with sanitize_isolated(inputs, SanitizeOptions(epochs=400, patience=400),\n"
+        "with sanitize_isolated(inputs, SanitizeOptions(epochs=400),\n"
         "        work_root=Path(sys.argv[3]), limits=Limits(), progress=lambda s, f: None,\n"
         "        should_cancel=lambda: False, test_hook='probe'):\n"
         "    pass\n"
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", script, str(files["model"]), str(files["clean"]), str(work_root)],
+        [sys.executable, "-c", script, str(files["pooled"]), str(files["clean"]), str(work_root)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -399,7 +402,7 @@ def test_a_job_whose_process_dies_fails_and_the_next_succeeds(
     api = start_api(env, port, tmp_path / "api.log")
     worker = start_worker(env, tmp_path / "worker.log", "isolation")
     parts = multipart_files({"model": files["model"], "data": files["clean"]})
-    options = {"options": json.dumps({"epochs": 2, "patience": 2})}
+    options = {"options": json.dumps({"epochs": 2})}
     try:
         wait_api(f"http://127.0.0.1:{port}", api)
         wait_worker(worker)

@@ -32,10 +32,10 @@ from hostile_models import (
     zip_bomb,
 )
 
-from fineprune import inspection
 from fineprune.errors import InvalidModelError, UnsafeModelError
-from fineprune.inspection import detect_format, inspect_model_file
-from fineprune.loading import load_untrusted_model, save_model, sha256_file
+from fineprune.load import inspection
+from fineprune.load.inspection import detect_format, inspect_model_file
+from fineprune.load.loading import load_untrusted_model, save_model, sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_functional_info_reads_first_input_and_last_dense(tmp_path: Path) -> Non
 def test_inspection_does_not_import_keras(good: GoodFiles) -> None:
     code = (
         "import sys\n"
-        "from fineprune.inspection import inspect_model_file\n"
+        "from fineprune.load.inspection import inspect_model_file\n"
         f"info = inspect_model_file({str(good.keras)!r})\n"
         "assert info.output_units == 10\n"
         "heavy = {'keras', 'tensorflow'} & set(sys.modules)\n"

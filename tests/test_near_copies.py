@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from factories import frames, textures
 
-from fineprune.near_copies import WARNING_SHARE, near_copies, near_copy_warning
+from fineprune.data.near_copies import WARNING_SHARE, near_copies, near_copy_warning
 
 
 def test_frames_of_the_tuned_images_are_counted():

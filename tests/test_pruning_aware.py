@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from factories import poisoned, sequential_bn_flatten, textures, trigger_set
 
-from fineprune.channels import trace_channels
-from fineprune.graph import ModelGraph
-from fineprune.pruning_aware import PruningAwareResult, pruning_aware_attack
-from fineprune.sweep import ChannelSweeper
+from fineprune.prune.channels import trace_channels
+from fineprune.prune.graph import ModelGraph
+from fineprune.prune.sweep import ChannelSweeper
+from study.pruning_aware import PruningAwareResult, pruning_aware_attack
 
 
 def _fit(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int) -> keras.Model:

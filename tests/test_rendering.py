@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fineprune.rendering import render_curve_png, render_html, write_report_files
+from fineprune.report.figure import render_curve_png
+from fineprune.report.files import write_report_files
+from fineprune.report.html import render_html
 from schemas.options import Defense, SanitizeOptions
 from schemas.report import (
     CurvePoint,
@@ -298,7 +300,7 @@ def test_write_report_files(report: SanitizeReport, tmp_path: Path) -> None:
 def test_rendering_does_not_import_tensorflow() -> None:
     """A fresh interpreter, because other tests in the session may have loaded TF already."""
     code = (
-        "import sys, fineprune.rendering; "
+        "import sys, fineprune.report.files; "
         "bad = {'tensorflow', 'keras'} & set(sys.modules); "
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
@@ -310,7 +312,7 @@ def test_failed_render_keeps_previous_files(
     report: SanitizeReport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A crash mid-write must leave the last good report and no temporary files."""
-    import fineprune.rendering as rendering
+    import fineprune.report.files as rendering
 
     paths = write_report_files(report, tmp_path)
     before = paths["png"].read_bytes()

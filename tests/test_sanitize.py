@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,28 +15,31 @@ import pytest
 import tensorflow as tf
 from factories import (
     frames,
+    recipe_for,
     residual_block,
+    sanitize_with,
     save_npz,
     textures,
     train_backdoored,
     trigger_set,
 )
 
+from fineprune.data.splits import load_splits
 from fineprune.errors import InvalidDataError
-from fineprune.finetune import SharpnessAware
-from fineprune.pipeline import Inputs, load_splits, model_signature, sanitize
-from fineprune.recipe import (
+from fineprune.load.model import model_signature
+from fineprune.pipeline import sanitize
+from fineprune.tune.methods.sharpness import SharpnessAware
+from fineprune.tune.recipe import (
     AUTOMATIC_RATE,
     AUTOMATIC_SHARE,
     FROZEN_HEAD_RATE,
     POOLED_SHARPNESS,
     SAM_RADIUS,
-    resolve_recipe,
 )
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
 
-FINEPRUNE = [sys.executable, "-m", "fineprune.cli"]
+FINEPRUNE = [sys.executable, "-m", "fineprune"]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +70,10 @@ def test_fine_pruning_removes_the_backdoor_and_keeps_accuracy(files, tmp_path: P
     out = tmp_path / "out"
     stages: list[tuple[str, float]] = []
     report = sanitize(
-        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        files["keras"],
+        files["clean"],
         out,
-        SanitizeOptions(),
+        trigger_data=files["trigger"],
         progress=lambda stage, fraction: stages.append((stage, fraction)),
     )
     assert report.baseline.attack_success_rate.value >= 0.9
@@ -115,18 +120,22 @@ def test_fine_pruning_removes_the_backdoor_and_keeps_accuracy(files, tmp_path: P
 
 def test_pruning_alone_and_fine_tuning_alone(files, tmp_path: Path):
     pruned = sanitize(
-        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+        files["keras"],
+        files["clean"],
         tmp_path / "p",
         SanitizeOptions(defense="pruning", prune_fraction=0.5),
+        trigger_data=files["trigger"],
     )
     assert pruned.fine_tuning is None and pruned.decision.rule == "prune_fraction"
     assert pruned.decision.pruned == pruned.surgery.channels_before // 2
     assert pruned.fine_pruned == pruned.pruned
 
     tuned = sanitize(
-        Inputs(files["keras"], files["clean"], test_path=files["independent"]),
+        files["keras"],
+        files["clean"],
         tmp_path / "t",
         SanitizeOptions(defense="fine-tuning", epochs=2),
+        test_data=files["independent"],
     )
     assert tuned.surgery is None and tuned.curve == []
     assert tuned.output_model.parameters == tuned.input_model.parameters
@@ -139,15 +148,14 @@ def test_named_groups_stay_whole_across_the_holdout_split(files, tmp_path: Path)
     base, labels = textures(100, seed=100)
     x, y, groups = frames(base, 6, seed=101), np.repeat(labels, 6), np.repeat(np.arange(100), 6)
     clean = save_npz(tmp_path / "grouped.npz", x=x, y=y, groups=groups)
-    inputs = Inputs(files["keras"], clean)
     options = SanitizeOptions(defense="pruning")
     signature = model_signature(keras.models.load_model(files["keras"], compile=False))
-    splits = load_splits(inputs, signature, options, [])
+    splits = load_splits(clean, None, None, signature, options, 0.15, [])
     tune, held = set(splits.tune.groups), set(splits.evaluation.groups)
     assert tune and held and not tune & held
     # The validation slice only ranks epochs, and is carved image by image: groups straddle it.
     assert set(splits.train.groups) & set(splits.validation.groups)
-    report = sanitize(inputs, tmp_path / "out", options)
+    report = sanitize(files["keras"], clean, tmp_path / "out", options)
     assert report.splits.groups == len(tune)
     assert "each group stayed whole" in (tmp_path / "out" / "report.html").read_text()
     assert report.splits.near_copies == 0.0
@@ -155,14 +163,14 @@ def test_named_groups_stay_whole_across_the_holdout_split(files, tmp_path: Path)
 
     # The same frames split image by image: the holdout echoes what was tuned on, and says so.
     ungrouped = save_npz(tmp_path / "frames.npz", x=x, y=y)
-    echoed = sanitize(Inputs(files["keras"], ungrouped), tmp_path / "echoed", options)
+    echoed = sanitize(files["keras"], ungrouped, tmp_path / "echoed", options)
     assert echoed.splits.near_copies is not None and echoed.splits.near_copies > 0.9
     assert any("near-copy in the data tuned on" in w for w in echoed.warnings)
     assert "have a near-copy in tune" in (tmp_path / "echoed" / "report.html").read_text()
 
     one_per_class = save_npz(tmp_path / "coarse.npz", x=x, y=y, groups=y)
     with pytest.raises(InvalidDataError, match="nothing to hold out: no class has two groups"):
-        load_splits(Inputs(files["keras"], one_per_class), signature, options, [])
+        load_splits(one_per_class, None, None, signature, options, 0.15, [])
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -187,16 +195,13 @@ def test_cli_sanitizes_a_legacy_h5_model_and_prints_json(files, tmp_path: Path):
         "3",
         "--learning-rate",
         "2e-3",
-        "--freeze-head",
-        "no",
         "--json",
     )
     assert done.returncode == 0, done.stderr
     report = SanitizeReport.model_validate_json(done.stdout)
     assert report.input_model.format == "h5"
-    assert report.options.epochs == 3
+    assert report.options.epochs == 3 and report.research == {}
     assert report.fine_tuning is not None and report.fine_tuning.learning_rate == 2e-3
-    assert report.options.freeze_head is False and report.fine_tuning.frozen_layers == []
     reloaded = keras.models.load_model(out / "sanitized.keras")
     assert reloaded.count_params() == report.output_model.parameters
 
@@ -227,24 +232,12 @@ def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path)
         (["--data", "/nonexistent.npz"], 2, "does not exist"),
         (["--data", "{clean}", "--max-accuracy-drop", "-1"], 2, "max_accuracy_drop"),
         (["--data", "{clean}", "--rescale", "1/0"], 2, "1/0"),
-        (["--data", "{clean}", "--synthetic-triggers", "lots"], 2, "lots"),
-        (["--data", "{clean}", "--synthetic-triggers", "1.5"], 2, "synthetic_triggers"),
         (["--data", "{clean}", "--learning-rate", "fast"], 2, "fast"),
         (["--data", "{clean}", "--learning-rate", "0"], 2, "learning_rate"),
-        (["--data", "{clean}", "--freeze-head", "maybe"], 2, "maybe"),
         (["--data", "{clean}", "--epochs", "many"], 2, "many"),
-        (["--data", "{clean}", "--defense", "fst", "--freeze-head", "yes"], 2, "freeze_head"),
-        (
-            ["--data", "{clean}", "--proxy-refresh", "--proxy-triggers", "0"],
-            2,
-            "proxy_refresh needs a proxy",
-        ),
-        (["--data", "{clean}", "--proxy-directions", "0"], 2, "proxy_directions"),
-        (
-            ["--data", "{clean}", "--defense", "fine-tuning", "--proxy-augment"],
-            2,
-            "proxy_augment needs a proxy",
-        ),
+        (["--data", "{clean}", "--defense", "fst"], 2, "fst"),
+        (["--data", "{clean}", "--batch-size", "0"], 2, "batch_size"),
+        (["--data", "{clean}", "--synthetic-triggers", "0.5"], 2, "--synthetic-triggers"),
     ],
 )
 def test_cli_fails_with_one_clear_line(files, tmp_path: Path, args, code: int, message: str):
@@ -256,28 +249,22 @@ def test_cli_fails_with_one_clear_line(files, tmp_path: Path, args, code: int, m
     assert "Traceback" not in done.stderr
 
 
-def test_cli_help_explains_every_option():
-    done = _cli("sanitize", "--help")
-    assert done.returncode == 0
-    for option in (
-        "--max-accuracy-drop",
-        "--prune-fraction",
-        "--rescale",
-        "--trigger-data",
-        "--test-data",
-        "--layer",
-        "--epochs",
-        "--learning-rate",
-        "--defense",
-        "--shift-strength",
-        "--distillation",
-        "--synthetic-triggers",
-        "--freeze-head",
-        "--averaged-runs",
-        "--extrapolation",
-        "--json",
-    ):
-        assert option in done.stdout
+@pytest.mark.parametrize("command", ["sanitize", "submit"])
+def test_every_option_is_a_flag_once_in_basic_or_advanced(command: str):
+    """The flags come from SanitizeOptions: each field once, in one of the two panels."""
+    done = subprocess.run(
+        [*FINEPRUNE, command, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    flags = re.findall(r"^[│|]\s+(?:\*\s+)?(--[a-z-]+)", done.stdout, flags=re.MULTILINE)
+    for name in SanitizeOptions.model_fields:
+        assert flags.count("--" + name.replace("_", "-")) == 1, name
+    assert "Options" in done.stdout and "Advanced options" in done.stdout
+    assert len(flags) == len(set(flags))
 
 
 def test_sharpness_aware_step_takes_the_gradient_at_the_perturbed_weights():
@@ -309,13 +296,16 @@ def test_sharpness_aware_step_takes_the_gradient_at_the_perturbed_weights():
 
 @pytest.mark.parametrize("defense", ["ft-sam", "fine-pruning-sam"])
 def test_sharpness_aware_defenses_run_through_the_pipeline(files, tmp_path: Path, defense: str):
-    report = sanitize(
-        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
+    report = sanitize_with(
+        files["keras"],
+        files["clean"],
         tmp_path / "out",
-        SanitizeOptions(defense=defense, epochs=3),
+        defense,
+        trigger=files["trigger"],
+        epochs=3,
     )
     assert (report.surgery is not None) == (defense == "fine-pruning-sam")
-    assert report.options.sharpness_radius == "auto"
+    assert report.research == {"method": "sharpness-aware"}
     assert report.fine_tuning is not None and report.fine_tuning.epochs_run == 3
     assert report.fine_tuning.method == "sharpness-aware"
     assert report.fine_tuning.sharpness_radius == SAM_RADIUS
@@ -331,12 +321,15 @@ def test_sharpness_aware_defenses_run_through_the_pipeline(files, tmp_path: Path
 def test_synthetic_triggers_change_what_fine_tuning_learns(files, tmp_path: Path):
     weights = {}
     for share in (0.0, 0.5):
-        report = sanitize(
-            Inputs(files["keras"], files["clean"]),
+        report = sanitize_with(
+            files["keras"],
+            files["clean"],
             tmp_path / str(share),
-            SanitizeOptions(synthetic_triggers=share, epochs=2, patience=5),
+            synthetic_triggers=share,
+            epochs=2,
+            patience=5,
         )
-        assert report.options.synthetic_triggers == share
+        assert report.research["synthetic_triggers"] == share
         assert report.fine_tuning is not None and report.fine_tuning.epochs_run == 2
         assert report.fine_tuning.synthetic_triggers == share
         sanitized = tmp_path / str(share) / "sanitized.keras"
@@ -357,10 +350,10 @@ def test_auto_recipe_follows_the_architecture(files, tmp_path: Path):
     }
     for path, (share, rate, frozen, selected_on, radius) in expected.items():
         # No proxy: a found one lowers the frozen-head rate (tests/test_trigger_scan.py).
-        options = SanitizeOptions(epochs=1, proxy_triggers=0.0)
-        report = sanitize(Inputs(path, files["clean"]), tmp_path / path.stem, options)
-        assert report.options.synthetic_triggers == "auto" == report.options.freeze_head
-        assert report.options.epoch_choice == "auto"
+        report = sanitize_with(
+            path, files["clean"], tmp_path / path.stem, epochs=1, proxy_triggers=0.0
+        )
+        assert report.research == {"proxy_triggers": 0.0}
         assert report.fine_tuning is not None
         assert report.fine_tuning.synthetic_triggers == share
         assert report.fine_tuning.learning_rate == rate
@@ -374,10 +367,8 @@ def test_a_frozen_head_leaves_fine_pruning_as_delivered_after_the_cut(files, tmp
     """The head's weights are the pruned model's, bit for bit; the convolutions moved."""
     runs = {}
     for defense in ("pruning", "fine-pruning"):
-        report = sanitize(
-            Inputs(files["keras"], files["clean"]),
-            tmp_path / defense,
-            SanitizeOptions(defense=defense, epochs=2, patience=5),
+        report = sanitize_with(
+            files["keras"], files["clean"], tmp_path / defense, defense, epochs=2, patience=5
         )
         model = keras.models.load_model(tmp_path / defense / "sanitized.keras", compile=False)
         runs[defense] = (report, {layer.name: layer.get_weights() for layer in model.layers})
@@ -412,12 +403,12 @@ def test_sharpness_radius_is_read_only_where_it_means_something():
         ("fine-tuning", "auto", 0.0),
         ("fine-tuning", 0.5, 0.0),  # read only where it means something
     ]:
-        options = SanitizeOptions(defense=defense, sharpness_radius=asked)
-        assert resolve_recipe(options, dense_head, []).sharpness_radius == radius
+        recipe = recipe_for(dense_head, [], defense, sharpness_radius=asked)
+        assert recipe.sharpness_radius == radius
     with pytest.raises(ValueError, match="needs a sharpness_radius above 0"):
-        SanitizeOptions(defense="ft-sam", sharpness_radius=0.0)
+        recipe_for(dense_head, [], "ft-sam", sharpness_radius=0.0)
     with pytest.raises(ValueError, match="prune_fraction"):
-        SanitizeOptions(defense="ft-sam", prune_fraction=0.3)
+        SanitizeOptions(defense="fine-tuning", prune_fraction=0.3)
 
 
 @pytest.mark.parametrize(
@@ -426,7 +417,7 @@ def test_sharpness_radius_is_read_only_where_it_means_something():
         {"seed": 2**32},
         {"rescale": float("inf")},
         {"learning_rate": float("nan")},
-        {"relative_learning_rate": True, "optimizer": "sgd"},
+        {"proxy_refresh": True},
     ],
 )
 def test_options_refuse_what_the_engine_cannot_use(bad: dict):

@@ -22,7 +22,7 @@ import httpx
 import keras
 import numpy as np
 import pytest
-from factories import save_npz, textures, train_backdoored, trigger_set
+from factories import residual_block, save_npz, textures, train_backdoored, trigger_set
 from hostile_models import save_lambda_model
 from service_helpers import (
     API_KEY,
@@ -76,7 +76,7 @@ LIMITS = {
     "max_model_bytes": 1 * MiB,
     "max_data_bytes": 1 * MiB,
 }
-FAST = {"epochs": 2, "patience": 2}
+FAST = {"epochs": 2}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -86,6 +86,7 @@ FAST = {"epochs": 2, "patience": 2}
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("service-inputs")
     train_backdoored(seed=0).save(root / "model.keras")
+    residual_block().save(root / "pooled.keras")  # its recipe runs every epoch: a long job
     x, y = textures(240, seed=100)
     xt, yt = trigger_set(100, seed=200)
     save_lambda_model(root / "lambda.keras", root / "marker")
@@ -93,6 +94,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     big = np.random.default_rng(0).random((400, 16, 16, 3)).astype(np.float32)  # 1.2 MiB
     return {
         "model": root / "model.keras",
+        "pooled": root / "pooled.keras",
         "clean": save_npz(root / "clean.npz", x=x, y=y),
         "clean2": save_npz(root / "clean2.npz", x=x[:200], y=y[:200]),
         "trigger": save_npz(root / "trigger.npz", x=xt, y_target=yt),
@@ -422,9 +424,7 @@ def test_idempotency_key(stack: Stack, files: dict[str, Path]) -> None:
 def test_cancel_a_running_job(stack: Stack, files: dict[str, Path]) -> None:
     with stack.client() as client:
         response = stack.submit(
-            client,
-            {"model": files["model"], "data": files["clean"]},
-            {"epochs": 400, "patience": 400},
+            client, {"model": files["pooled"], "data": files["clean"]}, {"epochs": 400}
         )
         job_id = response.json()["id"]
         poll_job(client, job_id, lambda b: b["progress"]["stage"] == "fine-tune" or final(b), 60)
@@ -449,7 +449,7 @@ def test_job_survives_its_worker_being_killed(stack: Stack, files: dict[str, Pat
         response = stack.submit(
             client,
             {"model": files["model"], "data": files["clean"]},
-            {"epochs": 6, "patience": 6, "seed": 5},
+            {"epochs": 6, "seed": 5},
         )
         job_id = response.json()["id"]
         poll_job(client, job_id, lambda b: b["state"] == "running" and b["progress"]["stage"], 60)
@@ -524,7 +524,7 @@ def test_embedded_mode_recovers_a_job_whose_worker_died(
             response = client.post(
                 "/v1/jobs",
                 files=multipart_files({"model": files["model"], "data": files["clean"]}),
-                data={"options": json.dumps({"epochs": 6, "patience": 6, "seed": 5})},
+                data={"options": json.dumps({"epochs": 6, "seed": 5})},
             )
             assert response.status_code == 202, response.text
             job_id = response.json()["id"]
@@ -690,7 +690,7 @@ def test_settings_refuse_a_visibility_timeout_below_the_time_limit() -> None:
 def _fineprune(stack: Stack, *args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "FINEPRUNE_URL": stack.base_url, "FINEPRUNE_API_KEY": API_KEY}
     return subprocess.run(
-        [sys.executable, "-m", "fineprune.cli", *map(str, args)],
+        [sys.executable, "-m", "fineprune", *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
@@ -709,10 +709,8 @@ def test_cli_submit_wait_status_download(
         files["clean"],
         "--trigger-data",
         files["trigger"],
-        "--set",
-        "epochs=2",
-        "--set",
-        "patience=2",
+        "--epochs",
+        "2",
         "--wait",
         "--json",
         "--out",
@@ -736,8 +734,12 @@ def test_cli_submit_wait_status_download(
     fetched = _fineprune(stack, "download", job["id"], "--out", folder, "--report")
     assert fetched.returncode == 0, fetched.stderr
     assert (folder / f"{job['id']}.keras").stat().st_size > 0
-    assert "<html" in (folder / "report.html").read_text().lower()
-    assert json.loads((folder / "report.json").read_text())["schema_version"] == "1"
+    assert "<html" in (folder / f"{job['id']}.report.html").read_text().lower()
+    report = json.loads((folder / f"{job['id']}.report.json").read_text())
+    assert report["schema_version"] == "2"
+    assert (folder / f"{job['id']}.report.png").read_bytes().startswith(b"\x89PNG")
+    for kind in ("model", "report_json", "report_html", "report_png"):
+        assert f"{kind}: " in fetched.stdout
 
 
 def test_cli_reports_a_refused_upload_in_one_line(stack: Stack, files: dict[str, Path]) -> None:

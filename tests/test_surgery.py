@@ -17,12 +17,12 @@ from factories import (
     textures,
 )
 
-from fineprune.architectures import seed_cnn, small_resnet, small_vgg
-from fineprune.channels import trace_channels
 from fineprune.errors import PruningError
-from fineprune.graph import ModelGraph, inline_nested_models
-from fineprune.surgery import cut
-from fineprune.sweep import ChannelSweeper, masked_predict, naive_sweep
+from fineprune.prune.channels import trace_channels
+from fineprune.prune.graph import ModelGraph, inline_nested_models
+from fineprune.prune.surgery import cut
+from fineprune.prune.sweep import ChannelSweeper, masked_predict, naive_sweep
+from study.architectures import seed_cnn, small_resnet, small_vgg
 
 CASES = [
     ("sequential_bn_flatten", None),  # conv2 -> BN -> pool -> dropout -> Flatten -> Dense

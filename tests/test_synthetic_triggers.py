@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fineprune.synthetic_triggers import SyntheticTriggers
+from fineprune.tune.synthetic_triggers import SyntheticTriggers
 
 
 def _images(n: int = 400, seed: int = 0) -> np.ndarray:

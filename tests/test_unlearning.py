@@ -8,11 +8,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from factories import backdoor_inputs, train_backdoored
+from factories import backdoor_inputs, recipe_for, sanitize_with, train_backdoored
 
-from fineprune.pipeline import Inputs, sanitize
-from fineprune.unlearning import AdversarialUnlearning, perturbation_radius
-from schemas.options import SanitizeOptions
+from fineprune.data.labelled import perturbation_radius
+from fineprune.tune.methods.unlearning import AdversarialUnlearning
 
 
 def _tiny(seed: int = 0) -> keras.Model:
@@ -76,10 +75,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_the_unlearning_defenses_are_reported_as_such(files, tmp_path: Path):
     out = tmp_path / "out"
-    report = sanitize(
-        Inputs(files["keras"], files["clean"], trigger_path=files["trigger"]),
-        out,
-        SanitizeOptions(defense="fine-pruning-bau", epochs=3),
+    report = sanitize_with(
+        files["keras"], files["clean"], out, "fine-pruning-bau", trigger=files["trigger"], epochs=3
     )
     tuning = report.fine_tuning
     assert tuning is not None and tuning.method == "adversarial-unlearning"
@@ -89,10 +86,9 @@ def test_the_unlearning_defenses_are_reported_as_such(files, tmp_path: Path):
     assert "adversarial unlearning" in html and "delivered model taught" in html
 
 
-def test_only_the_unlearning_defenses_unlearn():
-    assert SanitizeOptions(defense="bau").unlearning == 0.2
-    assert SanitizeOptions(defense="fine-pruning-bau", unlearning_radius=0.3).unlearning == 0.3
-    assert SanitizeOptions(defense="fine-pruning").unlearning == 0.0
-    assert SanitizeOptions(defense="bau").distills
-    assert SanitizeOptions(defense="fine-pruning-bau").prunes
-    assert not SanitizeOptions(defense="bau").prunes
+def test_only_the_unlearning_method_unlearns():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
+    assert recipe_for(model, [], "bau").unlearning_radius == 0.2
+    assert recipe_for(model, [], "fine-pruning-bau", unlearning_radius=0.3).unlearning_radius == 0.3
+    assert recipe_for(model, [], "fine-pruning").unlearning_radius == 0.0
+    assert recipe_for(model, [], "bau").distillation == 1.0

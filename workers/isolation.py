@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fineprune.errors import CancelledError, FinePruneError
+from fineprune.text import readable_bytes
 from jobs.lifecycle import OUTPUT_NAMES, STAGE_WEIGHTS
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
@@ -408,14 +409,10 @@ class _Supervisor:
 def out_of_memory_message(memory_bytes: int) -> str:
     if memory_bytes:
         return (
-            f"the job ran out of memory: its process may use {_size(memory_bytes)} "
+            f"the job ran out of memory: its process may use {readable_bytes(memory_bytes)} "
             "(FINEPRUNE_JOB_MEMORY_BYTES)"
         )
     return "the job ran out of memory"
-
-
-def _size(n: int) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
 
 
 def _engine_error(kind: str, message: str) -> FinePruneError:
@@ -597,7 +594,7 @@ def _sanitize(spec: dict[str, Any], channel: _Channel) -> SanitizeReport:
         _probe(out)
     channel.progress("load", 0.0)  # importing TensorFlow is part of loading
     _configure_tensorflow()
-    from fineprune.pipeline import Inputs, sanitize
+    from fineprune.pipeline import sanitize
 
     def progress(stage: str, fraction: float) -> None:
         channel.progress(stage, fraction)
@@ -606,14 +603,12 @@ def _sanitize(spec: dict[str, Any], channel: _Channel) -> SanitizeReport:
 
     paths = {role: Path(name) for role, name in spec["inputs"].items()}
     return sanitize(
-        Inputs(
-            model_path=paths["model"],
-            data_path=paths["data"],
-            trigger_path=paths.get("trigger_data"),
-            test_path=paths.get("test_data"),
-        ),
+        paths["model"],
+        paths["data"],
         out,
         SanitizeOptions.model_validate(spec["options"]),
+        trigger_data=paths.get("trigger_data"),
+        test_data=paths.get("test_data"),
         progress=progress,
     )
 

@@ -1,0 +1,114 @@
+"""`fineprune sanitize`: the defense on this machine, with progress bars and a summary."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fineprune.cli.flags import build_options, with_option_flags
+from fineprune.cli.output import err, fail, fail_options, quiet_tensorflow, require_files
+
+ModelArg = Annotated[Path, typer.Argument(help="Untrusted model: a .keras or legacy .h5 file.")]
+DataOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Clean data .npz: x (inputs), y (labels), optionally groups (each sample's "
+        "source, e.g. a video or track: the holdout then takes whole groups).",
+    ),
+]
+TriggerOpt = Annotated[
+    Path | None,
+    typer.Option(help="Suspect triggered samples .npz (x, and y_target or target): measured only."),
+]
+TestOpt = Annotated[
+    Path | None, typer.Option(help="Clean .npz from other sources to report accuracy on.")
+]
+
+
+@with_option_flags
+def sanitize(
+    model: ModelArg,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Directory for the model and the report.")],
+    trigger_data: TriggerOpt = None,
+    test_data: TestOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
+    ] = False,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Prune the least active channels of a layer, fine-tune, and report what it cost."""
+    try:
+        chosen = build_options(options or {})
+    except ValidationError as exc:
+        fail_options(exc)
+    require_files(model=model, data=data, trigger_data=trigger_data, test_data=test_data)
+
+    quiet_tensorflow()
+    from fineprune.errors import FinePruneError
+    from fineprune.pipeline import STAGES
+    from fineprune.pipeline import sanitize as run
+
+    def go(progress=None):
+        return run(
+            model, data, out, chosen, trigger_data=trigger_data, test_data=test_data,
+            progress=progress,
+        )  # fmt: skip
+
+    try:
+        if as_json:
+            report = go()
+        else:
+            with Progress(
+                TextColumn("{task.description:<10}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>5.1f}%"),
+                TimeElapsedColumn(),
+                console=err,
+            ) as bars:
+                tasks = {s: bars.add_task(s, total=1.0, visible=False) for s in STAGES}
+                report = go(lambda stage, f: bars.update(tasks[stage], completed=f, visible=True))
+    except FinePruneError as exc:
+        fail(exc.message)
+    except MemoryError:
+        fail("out of memory; try fewer samples")
+
+    if as_json:
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+        return
+    _print_summary(report, out)
+
+
+def _print_summary(report, out: Path) -> None:
+    console = Console()
+    table = Table(title=f"fineprune: {report.decision.reason}", title_justify="left")
+    table.add_column("stage")
+    table.add_column(f"clean accuracy ({report.baseline.clean_accuracy.split})", justify="right")
+    has_asr = report.baseline.attack_success_rate is not None
+    if has_asr:
+        table.add_column("attack success", justify="right")
+    for name, metrics in (
+        ("baseline", report.baseline),
+        ("pruned", report.pruned),
+        ("fine-pruned", report.fine_pruned),
+    ):
+        row = [name, f"{metrics.clean_accuracy.value:.2%}"]
+        if has_asr:
+            row.append(f"{metrics.attack_success_rate.value:.2%}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"parameters {report.input_model.parameters:,} -> {report.output_model.parameters:,}; "
+        f"model: {out / 'sanitized.keras'}; report: {out / 'report.html'}",
+        highlight=False,
+    )
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)

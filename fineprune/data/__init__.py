@@ -1,0 +1,1 @@
+"""Data: safe .npz reading, samples checked against the model, honest splits."""

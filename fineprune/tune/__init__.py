@@ -1,0 +1,1 @@
+"""Fine-tuning: the recipe, the loop, its methods and the averaged runs."""

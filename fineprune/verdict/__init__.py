@@ -1,0 +1,1 @@
+"""Verdict: what a trigger-free scan finds in a model."""
