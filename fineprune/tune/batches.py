@@ -27,12 +27,23 @@ def augmenter(seed: int) -> keras.Sequential:
     )
 
 
+def even_batches(samples: int, batch_size: int) -> tuple[int, int]:
+    """The batch size and the samples an epoch uses so that no batch is of odd size (an odd
+    batch can crash TensorFlow: `fineprune.load.model.even_rows`). An odd batch size is
+    rounded up; when the last batch would be odd, an epoch leaves out one sample, a different
+    one each epoch as the order reshuffles."""
+    size = batch_size + batch_size % 2
+    used = samples - (samples % size) % 2
+    return size, max(used, min(samples, 2))
+
+
 def batches(data: LabelledData, recipe: Recipe, proxy: np.ndarray | None = None) -> tf.data.Dataset:
     """Each epoch a new shuffle; then the recipe's jitter, synthetic stamps and proxy shift."""
     images = image_like(data.x)
+    size, used = even_batches(len(data), recipe.batch_size)
     ds = tf.data.Dataset.from_tensor_slices((data.x, data.y))
-    ds = ds.shuffle(len(data), seed=recipe.seed, reshuffle_each_iteration=True)
-    ds = ds.batch(recipe.batch_size)
+    ds = ds.shuffle(len(data), seed=recipe.seed, reshuffle_each_iteration=True).take(used)
+    ds = ds.batch(size)
     if recipe.augment and images:
         jitter = augmenter(recipe.seed)
         ds = ds.map(lambda x, y: (jitter(x, training=True), y), num_parallel_calls=2)

@@ -19,7 +19,7 @@ from fineprune.data.labelled import LabelledData
 from fineprune.load.model import OutputKind
 from fineprune.prune.graph import leaf_layers
 from fineprune.tune import methods
-from fineprune.tune.batches import batches, image_like
+from fineprune.tune.batches import batches, even_batches, image_like
 from fineprune.tune.epochs import EpochRecord, KeepEpoch
 from fineprune.tune.recipe import Recipe
 from fineprune.tune.teacher import Teacher
@@ -106,7 +106,8 @@ def fine_tune(
     if recipe.distillation and teacher is not None:
         teach = Teacher(teacher, recipe.distillation, from_logits=kind == "logits")
     trainer = methods.get(recipe.method).prepare(model, recipe, train.x, loss, teach)
-    steps = recipe.epochs * -(-len(train) // recipe.batch_size)
+    size, used = even_batches(len(train), recipe.batch_size)
+    steps = recipe.epochs * -(-used // size)
     trainer.compile(optimizer=_optimizer(recipe, steps), loss=loss, metrics=["accuracy"])
     keep = KeepEpoch(
         model,

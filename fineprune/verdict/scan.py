@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune.data.labelled import perturbation_radius
-from fineprune.load.model import output_kind, predict
+from fineprune.load.model import even_rows, output_kind, predict
 
 SCAN_IMAGES = 64  # of the other classes, per class scanned
 SCAN_STEPS = 10
@@ -84,8 +84,8 @@ class _Descent:
     ) -> tuple[np.ndarray, float]:
         """The descent from `start` (default: zero): the perturbation found and the share of
         `x` it sends to `target`."""
-        images = tf.constant(x, tf.float32)
-        labels = tf.fill([len(x)], target)
+        images = tf.constant(even_rows(x), tf.float32)
+        labels = tf.fill([int(images.shape[0])], target)
         size = tf.constant(2.5 * radius / steps)  # PGD's usual step: the ball is crossed twice
         bound = tf.constant(radius, tf.float32)
         delta = tf.zeros_like(images[:1]) if start is None else tf.constant(start[None], tf.float32)
