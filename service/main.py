@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from importlib import metadata
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
 from jobs.queue import JobQueue
 from jobs.records import FileRecordStore
@@ -75,7 +76,7 @@ def create_app(
             log.warning("could not create the broker's queues at startup", exc_info=True)
         yield
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc need no CDN: their assets are served from here
         title="fineprune",
         version=_version(),
         description=DESCRIPTION,
