@@ -29,7 +29,7 @@ from fineprune.report.assemble import assemble
 from fineprune.report.files import write_report_files
 from fineprune.report.metrics import measure, stage_metrics
 from fineprune.tune.recipe import Recipe, Research, resolve_recipe
-from fineprune.tune.stage import tune_stage
+from fineprune.tune.stage import Tuning, tune_stage
 from fineprune.verdict.scan import ScanResult, scan
 from schemas.options import SanitizeOptions
 from schemas.report import PruneDecision, SanitizeReport
@@ -81,27 +81,14 @@ def sanitize(
 
     with run.stage("cut"):
         cut_result = _cut(delivered, pruning, options, splits, warnings)
-        sanitized, pruned_metrics = cut_result.model, measure(cut_result.model, splits)
+        pruned_metrics = measure(cut_result.model, splits)
 
     with run.stage("fine-tune") as step:
-        tuning, found = None, None
+        sanitized, tuning, found = cut_result.model, None, None
         if options.fine_tunes:
-            plan = _plan(delivered, sanitized, pruning, splits, options, research, kind, warnings)
-            recipe, found, proxy = plan
-            sanitized, tuning = tune_stage(
-                delivered,
-                sanitized,
-                splits,
-                recipe,
-                kind,
-                proxy,
-                cut_result.zeroed_weights,
-                options.max_accuracy_drop,
-                step,
-                run.should_cancel,
+            sanitized, tuning, found = _fine_tune(
+                delivered, cut_result, pruning, splits, options, research, kind, run, step, warnings
             )
-            if tuning.fallback_reason:
-                warnings.append(tuning.fallback_reason)
         final_metrics = pruned_metrics if tuning is None else measure(sanitized, splits)
 
     with run.stage("report"):
@@ -232,6 +219,39 @@ def _decision(pruning: Pruning | None, options: SanitizeOptions) -> PruneDecisio
     if pruning is not None:
         return pruning.decision
     return PruneDecision(rule="none", pruned=0, reason=f"defense {options.defense} does not prune")
+
+
+def _fine_tune(
+    delivered: keras.Model,
+    cut_result: CutResult,
+    pruning: Pruning | None,
+    splits: Splits,
+    options: SanitizeOptions,
+    research: Research,
+    kind: OutputKind,
+    run: _Run,
+    progress: Callable[[float], None],
+    warnings: list[str],
+) -> tuple[keras.Model, Tuning, ScanResult | None]:
+    """The recipe for the cut model, the scan's proxy where it asks for one, and the runs."""
+    pruned = cut_result.model
+    plan = _plan(delivered, pruned, pruning, splits, options, research, kind, warnings)
+    recipe, found, proxy = plan
+    sanitized, tuning = tune_stage(
+        delivered,
+        pruned,
+        splits,
+        recipe,
+        kind,
+        proxy,
+        cut_result.zeroed_weights,
+        options.max_accuracy_drop,
+        progress,
+        run.should_cancel,
+    )
+    if tuning.fallback_reason:
+        warnings.append(tuning.fallback_reason)
+    return sanitized, tuning, found
 
 
 def _plan(

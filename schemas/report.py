@@ -224,7 +224,9 @@ class SanitizeReport(_Strict):
         return _upgrade_v1(data)
 
 
-_V1_DEFENSES = {
+# Report schema 1 named each defense the study compares by one name; since, a defense is the
+# engine's `defense` plus a research `method`. The study and the tests use the same names.
+V1_DEFENSES: dict[str, tuple[str, str]] = {
     "fine-pruning-sam": ("fine-pruning", "sharpness-aware"),
     "ft-sam": ("fine-tuning", "sharpness-aware"),
     "fine-pruning-fst": ("fine-pruning", "feature-shift"),
@@ -256,7 +258,7 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     data = {**data, "schema_version": "2"}
     options = dict(data.get("options") or {})
     research: dict[str, Any] = {}
-    defense, method = _V1_DEFENSES.get(options.get("defense", ""), (None, None))
+    defense, method = V1_DEFENSES.get(options.get("defense", ""), (None, None))
     if defense is not None:
         options["defense"], research["method"] = defense, method
     for name in list(options):

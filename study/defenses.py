@@ -10,23 +10,14 @@ from typing import Any
 
 from fineprune.tune.recipe import Research
 from schemas.options import SanitizeOptions
+from schemas.report import V1_DEFENSES
 
-METHODS = {
-    "sam": "sharpness-aware",
-    "fst": "feature-shift",
-    "bau": "adversarial-unlearning",
-}
-# name -> (defense, research method)
+# name -> (defense, research method), in the order the study's table lists them
 DEFENSES: dict[str, tuple[str, str]] = {
     "pruning": ("pruning", "plain"),
     "fine-tuning": ("fine-tuning", "plain"),
     "fine-pruning": ("fine-pruning", "plain"),
-    "ft-sam": ("fine-tuning", METHODS["sam"]),
-    "fine-pruning-sam": ("fine-pruning", METHODS["sam"]),
-    "fst": ("fine-tuning", METHODS["fst"]),
-    "fine-pruning-fst": ("fine-pruning", METHODS["fst"]),
-    "bau": ("fine-tuning", METHODS["bau"]),
-    "fine-pruning-bau": ("fine-pruning", METHODS["bau"]),
+    **V1_DEFENSES,
 }
 
 

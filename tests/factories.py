@@ -15,6 +15,7 @@ import tensorflow as tf
 from fineprune.data.labelled import LabelledData
 from fineprune.tune.recipe import Recipe, Research, resolve_recipe
 from schemas.options import SanitizeOptions
+from schemas.report import V1_DEFENSES
 
 SIZE = 16
 CLASSES = 4
@@ -249,20 +250,9 @@ def tuning_recipe(**changes: object) -> Recipe:
     return Recipe(**{**settings, **changes})
 
 
-# The study's defense names, as the engine's defense and research method.
-METHODS = {
-    "ft-sam": ("fine-tuning", "sharpness-aware"),
-    "fine-pruning-sam": ("fine-pruning", "sharpness-aware"),
-    "fst": ("fine-tuning", "feature-shift"),
-    "fine-pruning-fst": ("fine-pruning", "feature-shift"),
-    "bau": ("fine-tuning", "adversarial-unlearning"),
-    "fine-pruning-bau": ("fine-pruning", "adversarial-unlearning"),
-}
-
-
 def settings(defense: str = "fine-pruning", **values: object) -> tuple[SanitizeOptions, Research]:
     """Options and research settings from one flat list, as the tests used to write them."""
-    public, method = METHODS.get(defense, (defense, "plain"))
+    public, method = V1_DEFENSES.get(defense, (defense, "plain"))
     options = {k: v for k, v in values.items() if k in SanitizeOptions.model_fields}
     research = {k: v for k, v in values.items() if k not in options}
     return SanitizeOptions(defense=public, **options), Research(method=method, **research)

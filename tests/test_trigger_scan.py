@@ -56,12 +56,12 @@ def test_the_scan_names_the_backdoors_class_and_keeps_its_perturbation(backdoore
 
 
 def test_success_is_read_on_images_held_apart_from_the_search(backdoored):
-    """7 search images, 30 held apart: every success is a count out of 30, not out of 7."""
+    """8 search images, 31 held apart: every success is a count out of 31, not out of 8."""
     x, y = textures(600, seed=36)
-    found = scan(backdoored, x, y, seed=1, images=7, check_images=30)
-    counts = np.array(found.success) * 30
+    found = scan(backdoored, x, y, seed=1, images=8, check_images=31)
+    counts = np.array(found.success) * 31
     np.testing.assert_allclose(counts, np.round(counts), atol=0.01)
-    assert any(round(s * 7, 2) % 1 for s in found.success)  # so not read on the 7
+    assert any(round(s * 8, 2) % 1 for s in found.success)  # so not read on the 8
     assert found.suspect == 0
 
 

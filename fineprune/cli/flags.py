@@ -14,9 +14,11 @@ from fractions import Fraction
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from rich.markup import escape
 
+from fineprune.cli.output import fail_options
 from schemas.options import SanitizeOptions
 
 BASIC_PANEL = "Options"
@@ -80,8 +82,16 @@ def with_option_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def build_options(given: dict[str, str]) -> SanitizeOptions:
-    """Validate the flags' values as the API validates its `options` object."""
+def build_options(given: dict[str, str] | None) -> SanitizeOptions:
+    """The flags' values validated as the API validates its `options` object; an invalid
+    value ends the command with one line and exit code 2."""
+    try:
+        return _options(given or {})
+    except ValidationError as exc:
+        fail_options(exc)
+
+
+def _options(given: dict[str, str]) -> SanitizeOptions:
     values: dict[str, Any] = dict(given)
     if "rescale" in values:
         values["rescale"] = parse_fraction(values["rescale"])

@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fineprune.cli.flags import build_options, with_option_flags
-from fineprune.cli.output import err, fail, fail_options, quiet_tensorflow, require_files
+from fineprune.cli.output import err, fail, quiet_tensorflow, require_files
 
 ModelArg = Annotated[Path, typer.Argument(help="Untrusted model: a .keras or legacy .h5 file.")]
 DataOpt = Annotated[
@@ -46,10 +45,7 @@ def sanitize(
     options: dict[str, Any] | None = None,
 ) -> None:
     """Prune the least active channels of a layer, fine-tune, and report what it cost."""
-    try:
-        chosen = build_options(options or {})
-    except ValidationError as exc:
-        fail_options(exc)
+    chosen = build_options(options)
     require_files(model=model, data=data, trigger_data=trigger_data, test_data=test_data)
 
     quiet_tensorflow()

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fineprune.cli.flags import build_options, with_option_flags
 from fineprune.cli.local import DataOpt, ModelArg, TestOpt, TriggerOpt
-from fineprune.cli.output import err, fail, fail_options, require_files
+from fineprune.cli.output import err, fail, require_files
 
 Url = Annotated[
     str | None,
@@ -84,10 +83,7 @@ def submit(
     options: dict[str, Any] | None = None,
 ) -> None:
     """Submit a model to the service; with --wait, follow it to the end (exit 1 if it fails)."""
-    try:
-        chosen = build_options(options or {})
-    except ValidationError as exc:
-        fail_options(exc)
+    chosen = build_options(options)
     require_files(model=model, data=data, trigger_data=trigger_data, test_data=test_data)
     with _client(url, api_key) as client:
         job = _api_call(

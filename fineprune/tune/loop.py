@@ -105,7 +105,7 @@ def fine_tune(
     teach = None
     if recipe.distillation and teacher is not None:
         teach = Teacher(teacher, recipe.distillation, from_logits=kind == "logits")
-    trainer = methods.get(recipe.method).prepare(model, recipe, train.x, loss, teach)
+    trainer = methods.get(recipe.method).prepare(model, methods.Setup(recipe, train.x, loss, teach))
     size, used = even_batches(len(train), recipe.batch_size)
     steps = recipe.epochs * -(-used // size)
     trainer.compile(optimizer=_optimizer(recipe, steps), loss=loss, metrics=["accuracy"])

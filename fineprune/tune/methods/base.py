@@ -7,6 +7,7 @@ the architecture that was uploaded. `Method.prepare` returns what the loop compi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import keras
@@ -17,6 +18,16 @@ from fineprune.tune.recipe import Recipe
 from fineprune.tune.teacher import Teacher
 
 _METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a method may need to build its trainer."""
+
+    recipe: Recipe
+    train_x: np.ndarray  # the inputs fine-tuning trains on
+    loss: keras.losses.Loss  # the compiled loss
+    teacher: Teacher | None  # the delivered model, where the recipe distills
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -46,14 +57,7 @@ class Method(keras.Model):
             teacher.model.trainable = False
 
     @classmethod
-    def prepare(
-        cls,
-        model: keras.Model,
-        recipe: Recipe,
-        train_x: np.ndarray,
-        loss: keras.losses.Loss,
-        teacher: Teacher | None,
-    ) -> keras.Model:
+    def prepare(cls, model: keras.Model, setup: Setup) -> keras.Model:
         """The model the loop trains: `model` itself, or a method wrapping it."""
         raise NotImplementedError
 

@@ -19,8 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune.prune.graph import classifier_head
-from fineprune.tune.methods.base import Method, register
-from fineprune.tune.recipe import Recipe
+from fineprune.tune.methods.base import Method, Setup, register
 from fineprune.tune.teacher import Teacher
 
 
@@ -73,17 +72,10 @@ class FeatureShift(Method):
     suffix = "fst"
 
     @classmethod
-    def prepare(
-        cls,
-        model: keras.Model,
-        recipe: Recipe,
-        train_x: np.ndarray,
-        loss: keras.losses.Loss,
-        teacher: Teacher | None,
-    ) -> keras.Model:
+    def prepare(cls, model: keras.Model, setup: Setup) -> keras.Model:
         head = classifier_head(model)
-        original = reinitialize(head, recipe.seed)
-        return cls(model, head, original, recipe.shift_strength, teacher)
+        original = reinitialize(head, setup.recipe.seed)
+        return cls(model, head, original, setup.recipe.shift_strength, setup.teacher)
 
     @property
     def reinitialized_layer(self) -> str | None:

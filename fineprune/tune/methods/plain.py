@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from fineprune.tune.methods.base import Method, register
-from fineprune.tune.recipe import Recipe
-from fineprune.tune.teacher import Teacher
+from fineprune.tune.methods.base import Method, Setup, register
 
 
 @register
@@ -21,15 +18,8 @@ class Plain(Method):
     suffix = "distilled"
 
     @classmethod
-    def prepare(
-        cls,
-        model: keras.Model,
-        recipe: Recipe,
-        train_x: np.ndarray,
-        loss: keras.losses.Loss,
-        teacher: Teacher | None,
-    ) -> keras.Model:
-        return model if teacher is None else cls(model, teacher)
+    def prepare(cls, model: keras.Model, setup: Setup) -> keras.Model:
+        return model if setup.teacher is None else cls(model, setup.teacher)
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data

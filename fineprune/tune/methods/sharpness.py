@@ -9,11 +9,9 @@ for clean data are pulled back.
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from fineprune.tune.methods.base import Method, register
-from fineprune.tune.recipe import Recipe
+from fineprune.tune.methods.base import Method, Setup, register
 from fineprune.tune.teacher import Teacher
 
 
@@ -30,15 +28,8 @@ class SharpnessAware(Method):
         self.radius = radius
 
     @classmethod
-    def prepare(
-        cls,
-        model: keras.Model,
-        recipe: Recipe,
-        train_x: np.ndarray,
-        loss: keras.losses.Loss,
-        teacher: Teacher | None,
-    ) -> keras.Model:
-        return cls(model, recipe.sharpness_radius, teacher)
+    def prepare(cls, model: keras.Model, setup: Setup) -> keras.Model:
+        return cls(model, setup.recipe.sharpness_radius, setup.teacher)
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         x, y = data

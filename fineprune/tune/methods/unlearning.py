@@ -16,12 +16,10 @@ perturbation's radius is relative to the clean inputs' mean L2 norm, so one sett
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from fineprune.data.labelled import perturbation_radius
-from fineprune.tune.methods.base import Method, register
-from fineprune.tune.recipe import Recipe
+from fineprune.tune.methods.base import Method, Setup, register
 from fineprune.tune.teacher import Teacher
 
 ASCENT_STEPS = 5  # I-BAU's inner iterations
@@ -50,15 +48,9 @@ class AdversarialUnlearning(Method):
     suffix = "unlearn"
 
     @classmethod
-    def prepare(
-        cls,
-        model: keras.Model,
-        recipe: Recipe,
-        train_x: np.ndarray,
-        loss: keras.losses.Loss,
-        teacher: Teacher | None,
-    ) -> keras.Model:
-        return cls(model, loss, perturbation_radius(train_x, recipe.unlearning_radius), teacher)
+    def prepare(cls, model: keras.Model, setup: Setup) -> keras.Model:
+        radius = perturbation_radius(setup.train_x, setup.recipe.unlearning_radius)
+        return cls(model, setup.loss, radius, setup.teacher)
 
     def worst_perturbation(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """One perturbation for the whole batch, within the radius, that most raises the loss."""
