@@ -11,15 +11,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from fineprune.data.labelled import load_clean
 from fineprune.data.near_copies import near_copies, near_copy_warning
 from fineprune.data.splits import Splits, load_splits
 from fineprune.errors import CancelledError
-from fineprune.load.loading import load_untrusted_model, save_model
+from fineprune.load.loading import load_untrusted_model, save_model, sha256_file
 from fineprune.load.model import OutputKind, model_signature, output_kind, predict
 from fineprune.prune.channels import count_parameters
 from fineprune.prune.decide import Pruning, check_cut, profile_and_choose
@@ -30,9 +32,19 @@ from fineprune.report.files import write_report_files
 from fineprune.report.metrics import measure, stage_metrics
 from fineprune.tune.recipe import Recipe, Research, resolve_recipe
 from fineprune.tune.stage import Tuning, tune_stage
-from fineprune.verdict.scan import ScanResult, scan
+from fineprune.verdict.scan import ScanResult
+from fineprune.verdict.verdict import Detection, conclude, detect
 from schemas.options import SanitizeOptions
-from schemas.report import PruneDecision, SanitizeReport
+from schemas.report import (
+    DataFile,
+    DetectorReading,
+    ModelFile,
+    PruneDecision,
+    SanitizeReport,
+    ScanReport,
+    StageMetrics,
+    Verdict,
+)
 
 STAGES = ("load", "profile", "cut", "fine-tune", "report")
 Progress = Callable[[str, float], None]
@@ -76,6 +88,7 @@ def sanitize(
 
     with run.stage("profile") as step:
         kind = output_kind(predict(delivered, splits.evaluation.x[:256]))
+        before = _detect(delivered, splits, options.seed, kind, warnings)
         pruning = profile_and_choose(delivered, splits, options, step) if options.prunes else None
         baseline = _baseline(delivered, pruning, splits)
 
@@ -87,11 +100,14 @@ def sanitize(
         sanitized, tuning, found = cut_result.model, None, None
         if options.fine_tunes:
             sanitized, tuning, found = _fine_tune(
-                delivered, cut_result, pruning, splits, options, research, kind, run, step, warnings
-            )
+                delivered, cut_result, pruning, splits, options, research, kind, run, step, before,
+                warnings,
+            )  # fmt: skip
         final_metrics = pruned_metrics if tuning is None else measure(sanitized, splits)
 
     with run.stage("report"):
+        after = _detect(sanitized, splits, options.seed, kind, []) if before else None
+        verdict = _verdict(before, after, final_metrics)
         sanitized_path = paths.out / "sanitized.keras"
         save_model(sanitized, sanitized_path)
         report = assemble(
@@ -113,6 +129,7 @@ def sanitize(
             metrics=(baseline, pruned_metrics, final_metrics),
             tuning=tuning,
             scan=found,
+            verdict=verdict,
             timings=run.timings,
             warnings=warnings,
         )
@@ -120,6 +137,41 @@ def sanitize(
     report.timings.update(run.timings)
     (paths.out / "report.json").write_text(report.model_dump_json(indent=2))
     return report
+
+
+def scan(
+    model: PathLike, data: PathLike, *, rescale: float | None = None, seed: int = 0
+) -> ScanReport:
+    """The detector alone on the model file `model`, with the clean samples in `data`: no
+    model is written, nothing is changed."""
+    keras.utils.set_random_seed(seed)
+    delivered, info = load_untrusted_model(model)
+    clean = load_clean(Path(data), model_signature(delivered), rescale)
+    kind = output_kind(predict(delivered, clean.x[:256]))
+    found = detect(delivered, clean.x, clean.y, seed, from_logits=kind == "logits")
+    reading = _reading(found)
+    if found.suspect is None:
+        conclusion = "no-signature"
+        reason = (
+            f"no class stands out (top anomaly {found.score:.2f}, threshold {found.threshold:g});"
+            " this is not proof that no backdoor is there"
+        )
+    else:
+        conclusion = "suspected"
+        reason = f"class {found.suspect} stands out (anomaly {found.score:.2f})"
+    return ScanReport(
+        created_at=datetime.now(UTC),
+        conclusion=conclusion,
+        reason=reason,
+        reading=reading,
+        input_model=ModelFile(
+            sha256=sha256_file(model),
+            format=info.format,
+            bytes=Path(model).stat().st_size,
+            parameters=count_parameters(delivered),
+        ),
+        data=[DataFile(sha256=sha256_file(data), samples=len(clean), role="clean")],
+    )
 
 
 @dataclass
@@ -231,11 +283,12 @@ def _fine_tune(
     kind: OutputKind,
     run: _Run,
     progress: Callable[[float], None],
+    before: Detection | None,
     warnings: list[str],
 ) -> tuple[keras.Model, Tuning, ScanResult | None]:
     """The recipe for the cut model, the scan's proxy where it asks for one, and the runs."""
     pruned = cut_result.model
-    plan = _plan(delivered, pruned, pruning, splits, options, research, kind, warnings)
+    plan = _plan(pruned, pruning, options, research, before, warnings)
     recipe, found, proxy = plan
     sanitized, tuning = tune_stage(
         delivered,
@@ -255,30 +308,23 @@ def _fine_tune(
 
 
 def _plan(
-    delivered: keras.Model,
     pruned: keras.Model,
     pruning: Pruning | None,
-    splits: Splits,
     options: SanitizeOptions,
     research: Research,
-    kind: OutputKind,
+    before: Detection | None,
     warnings: list[str],
 ) -> tuple[Recipe, ScanResult | None, np.ndarray | None]:
     """The recipe for `pruned`, and the trigger scan's proxy where the recipe trains on one.
 
-    The scan reads the delivered model, where a backdoor is whole and stands out most.
+    The scan is the detector's, read on the delivered model, where a backdoor is whole and
+    stands out most.
     """
     head = [] if pruning is None else ModelGraph(pruned).downstream_layers(pruning.path.layer.name)
     recipe = resolve_recipe(options, research, pruned, head)
     if not recipe.proxy_share:
         return recipe, None, None
-    found = None
-    try:
-        found = scan(
-            delivered, splits.train.x, splits.train.y, options.seed, from_logits=kind == "logits"
-        )
-    except ValueError as exc:  # one output, or one class in the clean data
-        warnings.append(f"trigger scan skipped: {exc}; fine-tuned without a proxy")
+    found = None if before is None else before.scan
     if found is not None and found.suspect is None:
         warnings.append(
             "the trigger scan found no class that stands out; fine-tuned without a proxy trigger"
@@ -287,3 +333,40 @@ def _plan(
     if proxy is None:  # nothing to unlearn with: the recipe's rules take their other branch
         recipe = resolve_recipe(options, research, pruned, head, proxy_found=False)
     return recipe, found, proxy
+
+
+def _detect(
+    model: keras.Model, splits: Splits, seed: int, kind: OutputKind, warnings: list[str]
+) -> Detection | None:
+    """The detector on `model` with the tuning images; None (and why) where it cannot run."""
+    try:
+        return detect(model, splits.train.x, splits.train.y, seed, from_logits=kind == "logits")
+    except ValueError as exc:  # one output, or one class in the clean data
+        warnings.append(f"trigger scan skipped: {exc}; no verdict without it")
+        return None
+
+
+def _verdict(
+    before: Detection | None, after: Detection | None, final: StageMetrics
+) -> Verdict | None:
+    if before is None:
+        return None
+    asr = final.attack_success_rate
+    found = conclude(before, after, None if asr is None else asr.value)
+    return Verdict(
+        conclusion=found.conclusion,
+        reason=found.reason,
+        measured=found.measured,
+        before=_reading(before),
+        after=None if after is None else _reading(after),
+    )
+
+
+def _reading(found: Detection) -> DetectorReading:
+    return DetectorReading(
+        method=found.method,
+        suspect=found.suspect,
+        score=round(found.score, 3),
+        threshold=found.threshold,
+        seconds=found.seconds,
+    )

@@ -189,9 +189,38 @@ class FineTuneReport(_Strict):
     )
 
 
+class DetectorReading(_Strict):
+    """What the backdoor detector read on one model."""
+
+    method: str = Field(description="The detector: universal-perturbation (the trigger scan).")
+    suspect: int | None = Field(description="The class whose signature stands out; None: none.")
+    score: float = Field(description="The top class's anomaly (robust deviations).")
+    threshold: float = Field(description="The anomaly above which a class is suspected.")
+    seconds: float = 0.0
+
+
+class Verdict(_Strict):
+    """What a pipeline acts on; the report's first line."""
+
+    conclusion: Literal["no-signature", "removed", "may-remain"] = Field(
+        description="no-signature: nothing suspected in the delivered model (not a proof of "
+        "health); removed: suspected and shown gone (by trigger data, or by a re-check the "
+        "victim zoo vouches for); may-remain: anything else."
+    )
+    reason: str
+    measured: bool = Field(description="Whether measured attack success on trigger data decided.")
+    before: DetectorReading = Field(description="The detector on the delivered model.")
+    after: DetectorReading | None = Field(
+        None, description="The detector on the sanitized model (None: nothing was changed)."
+    )
+
+
 class SanitizeReport(_Strict):
     schema_version: Literal["2"] = REPORT_SCHEMA_VERSION
     created_at: datetime
+    verdict: Verdict | None = Field(
+        None, description="Whether a backdoor was suspected and shown gone (schema 2 onwards)."
+    )
     input_model: ModelFile
     output_model: ModelFile
     data: list[DataFile]
@@ -279,3 +308,16 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
             }
         data["fine_tuning"] = tuning
     return data
+
+
+class ScanReport(_Strict):
+    """The detector alone on one delivered model (`fineprune scan`): nothing is changed."""
+
+    schema_version: Literal["1"] = "1"
+    created_at: datetime
+    conclusion: Literal["no-signature", "suspected"]
+    reason: str
+    reading: DetectorReading
+    input_model: ModelFile
+    data: list[DataFile]
+    warnings: list[str] = []

@@ -180,7 +180,7 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_sanitizes_a_legacy_h5_model_and_prints_json(files, tmp_path: Path):
+def test_cli_sanitizes_a_legacy_h5_model_and_writes_the_report(files, tmp_path: Path):
     out = tmp_path / "cli"
     done = _cli(
         "sanitize",
@@ -195,10 +195,10 @@ def test_cli_sanitizes_a_legacy_h5_model_and_prints_json(files, tmp_path: Path):
         "3",
         "--learning-rate",
         "2e-3",
-        "--json",
     )
     assert done.returncode == 0, done.stderr
-    report = SanitizeReport.model_validate_json(done.stdout)
+    report = SanitizeReport.model_validate_json((out / "report.json").read_text())
+    assert done.stdout.strip().splitlines()[-1].startswith("Verdict: ")
     assert report.input_model.format == "h5"
     assert report.options.epochs == 3 and report.research == {}
     assert report.fine_tuning is not None and report.fine_tuning.learning_rate == 2e-3
@@ -218,10 +218,10 @@ def test_cli_reads_a_keras_file_by_its_bytes_not_its_name(files, tmp_path: Path)
         tmp_path / "o",
         "--defense",
         "pruning",
-        "--json",
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["input_model"]["format"] == "keras"
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["input_model"]["format"] == "keras"
 
 
 @pytest.mark.parametrize(

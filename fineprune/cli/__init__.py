@@ -39,6 +39,7 @@ def main(
 
 
 app.command()(local.sanitize)
+app.command()(local.scan)
 app.command()(remote.submit)
 app.command()(remote.status)
 app.command()(remote.download)

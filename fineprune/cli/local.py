@@ -12,7 +12,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fineprune.cli.flags import build_options, with_option_flags
+from fineprune.cli.gate import FailOnOpt, MaxAsrOpt, apply_gate, check_gate_options, gate_report
 from fineprune.cli.output import err, fail, quiet_tensorflow, require_files
+from fineprune.report.summary import verdict_line
 
 ModelArg = Annotated[Path, typer.Argument(help="Untrusted model: a .keras or legacy .h5 file.")]
 DataOpt = Annotated[
@@ -39,14 +41,15 @@ def sanitize(
     out: Annotated[Path, typer.Option("--out", help="Directory for the model and the report.")],
     trigger_data: TriggerOpt = None,
     test_data: TestOpt = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the report as JSON on stdout; no progress bars.")
-    ] = False,
+    fail_on: FailOnOpt = None,
+    max_asr: MaxAsrOpt = None,
     options: dict[str, Any] | None = None,
 ) -> None:
-    """Prune the least active channels of a layer, fine-tune, and report what it cost."""
+    """Prune the least active channels of a layer, fine-tune, and report what it cost in
+    OUT (sanitized.keras, report.json, report.html, report.png)."""
     chosen = build_options(options)
     require_files(model=model, data=data, trigger_data=trigger_data, test_data=test_data)
+    check_gate_options(max_asr, trigger_data)
 
     quiet_tensorflow()
     from fineprune.errors import FinePruneError
@@ -60,27 +63,21 @@ def sanitize(
         )  # fmt: skip
 
     try:
-        if as_json:
-            report = go()
-        else:
-            with Progress(
-                TextColumn("{task.description:<10}"),
-                BarColumn(),
-                TextColumn("{task.percentage:>5.1f}%"),
-                TimeElapsedColumn(),
-                console=err,
-            ) as bars:
-                tasks = {s: bars.add_task(s, total=1.0, visible=False) for s in STAGES}
-                report = go(lambda stage, f: bars.update(tasks[stage], completed=f, visible=True))
+        with Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TimeElapsedColumn(),
+            console=err,
+        ) as bars:
+            tasks = {s: bars.add_task(s, total=1.0, visible=False) for s in STAGES}
+            report = go(lambda stage, f: bars.update(tasks[stage], completed=f, visible=True))
     except FinePruneError as exc:
         fail(exc.message)
     except MemoryError:
         fail("out of memory; try fewer samples")
-
-    if as_json:
-        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
-        return
     _print_summary(report, out)
+    gate_report(report, fail_on, max_asr)
 
 
 def _print_summary(report, out: Path) -> None:
@@ -108,3 +105,38 @@ def _print_summary(report, out: Path) -> None:
     )
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    console.print(verdict_line(report), highlight=False, markup=False, soft_wrap=True)
+
+
+def scan(
+    model: ModelArg,
+    data: DataOpt,
+    rescale: Annotated[
+        str | None, typer.Option(metavar="FACTOR", help="Multiply inputs first (1/255).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the scan's draws.")] = 0,
+    fail_on: FailOnOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Look for a backdoor's signature without changing the model (exit 3 with --fail-on)."""
+    chosen = build_options({"rescale": rescale} if rescale else {})
+    require_files(model=model, data=data)
+    quiet_tensorflow()
+    from fineprune.errors import FinePruneError
+    from fineprune.pipeline import scan as run
+
+    try:
+        found = run(model, data, rescale=chosen.rescale, seed=seed)
+    except FinePruneError as exc:
+        fail(exc.message)
+    if as_json:
+        sys.stdout.write(found.model_dump_json(indent=2) + "\n")
+    else:
+        Console().print(
+            f"Scan: {found.conclusion}: {found.reason}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    conclusion = "may-remain" if found.conclusion == "suspected" else found.conclusion
+    apply_gate(conclusion, found.reading.suspect, None, fail_on, None)

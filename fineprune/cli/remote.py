@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fineprune.cli.flags import build_options, with_option_flags
+from fineprune.cli.gate import FailOnOpt, MaxAsrOpt, check_gate_options, gate_report
 from fineprune.cli.local import DataOpt, ModelArg, TestOpt, TriggerOpt
 from fineprune.cli.output import err, fail, require_files
+from fineprune.report.summary import verdict_line
 
 Url = Annotated[
     str | None,
@@ -77,6 +79,8 @@ def submit(
     out: Annotated[
         Path | None, typer.Option(help="With --wait: download the sanitized model here.")
     ] = None,
+    fail_on: FailOnOpt = None,
+    max_asr: MaxAsrOpt = None,
     url: Url = None,
     api_key: ApiKey = None,
     as_json: AsJson = False,
@@ -85,6 +89,9 @@ def submit(
     """Submit a model to the service; with --wait, follow it to the end (exit 1 if it fails)."""
     chosen = build_options(options)
     require_files(model=model, data=data, trigger_data=trigger_data, test_data=test_data)
+    check_gate_options(max_asr, trigger_data)
+    if (fail_on or max_asr is not None) and not wait:
+        fail("--fail-on and --max-asr judge the finished job: add --wait", code=2)
     with _client(url, api_key) as client:
         job = _api_call(
             lambda: client.submit(
@@ -103,6 +110,11 @@ def submit(
                 written = _api_call(lambda: client.download_model(job.id, out))
                 err.print(f"sanitized model: {written}", highlight=False)
         _print_job(job, as_json)
+        if wait:
+            report = _api_call(lambda: client.report(job.id))
+            if not as_json:
+                Console().print(verdict_line(report), highlight=False, markup=False, soft_wrap=True)
+            gate_report(report, fail_on, max_asr)
 
 
 def _wait(client, job_id: str, quiet: bool):

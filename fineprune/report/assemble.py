@@ -31,6 +31,7 @@ from schemas.report import (
     StageMetrics,
     SurgeryReport,
     TriggerScan,
+    Verdict,
 )
 
 
@@ -54,12 +55,14 @@ def assemble(
     metrics: tuple[StageMetrics, StageMetrics, StageMetrics],
     tuning: Tuning | None,
     scan: ScanResult | None,
+    verdict: Verdict | None,
     timings: dict[str, float],
     warnings: list[str],
 ) -> SanitizeReport:
     baseline, pruned, final = metrics
     return SanitizeReport(
         created_at=datetime.now(UTC),
+        verdict=verdict,
         input_model=ModelFile(
             sha256=sha256_file(model_path),
             format=model_format,

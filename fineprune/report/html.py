@@ -19,6 +19,7 @@ from fineprune.report.summary import (
     percent,
     report_stages,
     shorten,
+    verdict_line,
 )
 from fineprune.text import readable_bytes
 from schemas.report import (
@@ -59,6 +60,10 @@ main{max-width:960px;margin:0 auto;padding:24px 20px 48px}
 h1{font-size:1.5rem;margin:0 0 4px}
 h2{font-size:1.1rem;margin:32px 0 8px;padding-bottom:4px;border-bottom:1px solid #e3e6ea}
 .sub{color:#5a6472;margin:0 0 16px}
+.conclusion{font-weight:700;padding:.5rem .8rem;border-radius:4px;margin:0 0 .5rem}
+.conclusion.removed{background:#e6f4ea;color:#1e5631}
+.conclusion.may-remain,.conclusion.none{background:#fdecea;color:#8a1c1c}
+.conclusion.no-signature{background:#fff4e0;color:#7a4b00}
 .verdict{font-size:1.25rem;font-weight:600;background:#f4f7fb;border-left:4px solid #1f5fa8;
   padding:12px 16px;margin:16px 0}
 .asr{color:#c0392b}.acc{color:#1f5fa8}
@@ -491,7 +496,9 @@ def render_html(report: SanitizeReport, png_path: Path | None = None) -> str:
             ("schema version", _e(report.schema_version)),
         ]
     )
+    conclusion = report.verdict.conclusion if report.verdict else "none"
     sections = [
+        f'<p class="conclusion {conclusion}">{_e(verdict_line(report))}</p>',
         f"<h1>Sanitize report</h1><p class='sub'>{_subline(report)}</p>",
         f'<div class="verdict">{_headline(report)}</div>',
         warnings,

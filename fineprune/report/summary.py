@@ -58,3 +58,11 @@ def accuracy_threshold(report: SanitizeReport) -> float | None:
     if base is None:
         return None
     return base - report.options.max_accuracy_drop / 100.0
+
+
+def verdict_line(report: SanitizeReport) -> str:
+    """The report's first line, in words: what a pipeline acts on."""
+    verdict = report.verdict
+    if verdict is None:
+        return "Verdict: none (the detector could not run; see the warnings)"
+    return f"Verdict: {verdict.conclusion}: {verdict.reason}"
