@@ -41,3 +41,9 @@ class CancelledError(FinePruneError):
     """The caller asked to stop between two stages."""
 
     kind = "cancelled"
+
+
+class TrackingError(FinePruneError):
+    """The run could not be logged to the experiment tracker (MLflow)."""
+
+    kind = "tracking"

@@ -43,6 +43,10 @@ def sanitize(
     test_data: TestOpt = None,
     fail_on: FailOnOpt = None,
     max_asr: MaxAsrOpt = None,
+    mlflow_uri: Annotated[
+        str | None,
+        typer.Option(metavar="URI", help="Log the run to this MLflow tracking URI."),
+    ] = None,
     options: dict[str, Any] | None = None,
 ) -> None:
     """Prune the least active channels of a layer, fine-tune, and report what it cost in
@@ -77,6 +81,13 @@ def sanitize(
     except MemoryError:
         fail("out of memory; try fewer samples")
     _print_summary(report, out)
+    if mlflow_uri:
+        from fineprune.report.tracking import log_run
+
+        try:
+            err.print(f"mlflow run: {log_run(report, out, mlflow_uri)}", highlight=False)
+        except FinePruneError as exc:
+            fail(exc.message)
     gate_report(report, fail_on, max_asr)
 
 
