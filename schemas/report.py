@@ -24,6 +24,8 @@ class Measurement(_Strict):
     value: float = Field(description="Fraction in [0, 1].")
     split: SplitName
     samples: int
+    low: float | None = Field(None, description="95 % Wilson interval's lower end.")
+    high: float | None = Field(None, description="95 % Wilson interval's upper end.")
 
 
 class StageMetrics(_Strict):
@@ -130,6 +132,7 @@ class FineTuneRun(_Strict):
     attack_success_rate: float | None = Field(
         None, description="At the kept epoch, on the trigger data (when given)."
     )
+    history: list[EpochRecord] = Field(default_factory=list, description="Every epoch of this run.")
 
 
 class FineTuneReport(_Strict):

@@ -99,3 +99,23 @@ def test_the_gate_exits_3_and_says_which_rule_tripped(files, tmp_path: Path):
     usage = _cli("sanitize", files["keras"], "--data", files["clean"], "--out", tmp_path / "u",
                  "--max-asr", "0.1")  # fmt: skip
     assert usage.returncode == 2 and "--trigger-data" in usage.stderr
+
+
+def test_every_rate_carries_its_wilson_interval(files, tmp_path: Path):
+    from fineprune.report.metrics import wilson
+
+    assert wilson(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    low, high = wilson(0.0, 100)
+    assert low == 0.0 and high == pytest.approx(0.037, abs=1e-3)  # not a zero-width interval
+    report = sanitize(
+        files["keras"],
+        files["clean"],
+        tmp_path / "o",
+        SanitizeOptions(defense="pruning"),
+        trigger_data=files["trigger"],
+    )
+    for stage in (report.baseline, report.pruned, report.fine_pruned):
+        for m in (stage.clean_accuracy, stage.attack_success_rate):
+            assert m.low is not None and m.low <= m.value <= m.high
+            assert (m.low, m.high) == wilson(m.value, m.samples)
+    assert "95 % interval" in (tmp_path / "o" / "report.html").read_text()

@@ -14,7 +14,7 @@ from rich.table import Table
 from fineprune.cli.flags import build_options, with_option_flags
 from fineprune.cli.gate import FailOnOpt, MaxAsrOpt, apply_gate, check_gate_options, gate_report
 from fineprune.cli.output import err, fail, quiet_tensorflow, require_files
-from fineprune.report.summary import verdict_line
+from fineprune.report.summary import interval, verdict_line
 
 ModelArg = Annotated[Path, typer.Argument(help="Untrusted model: a .keras or legacy .h5 file.")]
 DataOpt = Annotated[
@@ -91,6 +91,11 @@ def sanitize(
     gate_report(report, fail_on, max_asr)
 
 
+def _with_interval(m) -> str:
+    span = interval(m)
+    return f"{m.value:.2%}" + (f" [{span}]" if span else "") + f" n={m.samples}"
+
+
 def _print_summary(report, out: Path) -> None:
     console = Console()
     table = Table(title=f"fineprune: {report.decision.reason}", title_justify="left")
@@ -104,9 +109,9 @@ def _print_summary(report, out: Path) -> None:
         ("pruned", report.pruned),
         ("fine-pruned", report.fine_pruned),
     ):
-        row = [name, f"{metrics.clean_accuracy.value:.2%}"]
+        row = [name, _with_interval(metrics.clean_accuracy)]
         if has_asr:
-            row.append(f"{metrics.attack_success_rate.value:.2%}")
+            row.append(_with_interval(metrics.attack_success_rate))
         table.add_row(*row)
     console.print(table)
     console.print(

@@ -147,6 +147,7 @@ def _run(result: FineTuneResult) -> FineTuneRun:
         best_epoch=result.best_epoch,
         validation_accuracy=kept.get("val_accuracy", 0.0),
         attack_success_rate=kept.get("attack_success_rate"),
+        history=[EpochRecord(**r) for r in result.history],
     )
 
 

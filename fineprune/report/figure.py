@@ -168,13 +168,13 @@ def _draw_curve(ax: Axes, report: SanitizeReport) -> None:
     ax.set_xlim(-0.02 * x_max, 1.02 * x_max)
     ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
     ax.set_xlabel("channels pruned")
-    ax.set_ylabel("share of samples")
+    ax.set_ylabel("accuracy and attack success")
     _style_rate_axis(ax)
     ax.set_title(
         _layer_title(report, "Pruning tradeoff"), loc="left", fontsize=11, parse_math=False
     )
     _add_channel_axis(ax, report)
-    ax.legend(loc="center left", fontsize=8, framealpha=0.92)
+    _legend_below(ax)
 
 
 def _draw_stages(ax: Axes, report: SanitizeReport) -> None:
@@ -198,12 +198,12 @@ def _draw_stages(ax: Axes, report: SanitizeReport) -> None:
         _label_points(ax, x, column)
     ax.set_xticks(xs, [name for name, _ in stages])
     ax.set_xlim(-0.4, len(stages) - 0.4)
-    ax.set_ylabel("share of samples")
+    ax.set_ylabel("accuracy and attack success")
     _style_rate_axis(ax)
     ax.set_title(
         _layer_title(report, "Before and after"), loc="left", fontsize=11, parse_math=False
     )
-    ax.legend(loc="center left", fontsize=8, framealpha=0.92)
+    _legend_below(ax)
 
 
 def _add_channel_axis(ax: Axes, report: SanitizeReport) -> None:
@@ -224,30 +224,43 @@ def _add_channel_axis(ax: Axes, report: SanitizeReport) -> None:
     top.tick_params(labelsize=8, colors="#555555")
 
 
+def _legend_below(ax: Axes) -> None:
+    """Under the panel, so that no entry hides a curve."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+
+
 def _draw_history(ax: Axes, ft: FineTuneReport) -> None:
-    """The side panel: whether fine-tuning converged and the backdoor stayed gone."""
-    history = sorted(ft.history, key=lambda e: e.epoch)
-    epochs = [e.epoch for e in history]
-    marker = "o" if len(history) <= 25 else None
-    ax.plot(
-        epochs,
-        [_pct(e.val_accuracy) for e in history],
-        color=EVAL_COLOUR,
-        lw=1.8,
-        marker=marker,
-        ms=3.5,
-        label="val accuracy",
-    )
-    if any(e.attack_success_rate is not None for e in history):
+    """The side panel: whether fine-tuning converged and the backdoor stayed gone, every
+    averaged run drawn (the first run solid, the others thin)."""
+    runs = [run.history for run in ft.averaged_runs if run.history] or [ft.history]
+    epochs: list[int] = []
+    for index, history in enumerate(runs):
+        history = sorted(history, key=lambda e: e.epoch)
+        epochs = epochs or [e.epoch for e in history]
+        first = index == 0
+        style = {"lw": 1.8 if first else 0.9, "alpha": 1.0 if first else 0.6}
+        marker = "o" if first and len(history) <= 25 else None
+        others = "run 2" if len(runs) == 2 else f"runs 2-{len(runs)}"
+        suffix = "" if len(runs) == 1 else " (run 1)" if first else f" ({others})"
         ax.plot(
-            epochs,
-            [_pct(e.attack_success_rate) for e in history],
-            color=ASR_COLOUR,
-            lw=1.8,
+            [e.epoch for e in history],
+            [_pct(e.val_accuracy) for e in history],
+            color=EVAL_COLOUR,
             marker=marker,
             ms=3.5,
-            label="attack success",
+            label=f"validation accuracy{suffix}" if first or index == 1 else None,
+            **style,
         )
+        if any(e.attack_success_rate is not None for e in history):
+            ax.plot(
+                [e.epoch for e in history],
+                [_pct(e.attack_success_rate) for e in history],
+                color=ASR_COLOUR,
+                marker=marker,
+                ms=3.5,
+                label=f"attack success{suffix}" if first or index == 1 else None,
+                **style,
+            )
     best = ft.best_epoch
     if best > 0:
         _mark(ax, best, f"best: {best}", lw=1.2, fontsize=8, bold=False)
@@ -255,9 +268,10 @@ def _draw_history(ax: Axes, ft: FineTuneReport) -> None:
         ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy and attack success")
     _style_rate_axis(ax)
     ax.set_title("Fine-tuning", loc="left", fontsize=11)
-    ax.legend(loc="center right", fontsize=8, framealpha=0.92)
+    _legend_below(ax)
 
 
 def render_curve_png(report: SanitizeReport, path: Path) -> None:

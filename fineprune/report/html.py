@@ -15,7 +15,9 @@ from fineprune.report.summary import (
     MINUS,
     accuracy_threshold,
     baseline_tune_accuracy,
+    budget_note,
     chosen_fraction,
+    interval,
     percent,
     report_stages,
     shorten,
@@ -60,6 +62,7 @@ main{max-width:960px;margin:0 auto;padding:24px 20px 48px}
 h1{font-size:1.5rem;margin:0 0 4px}
 h2{font-size:1.1rem;margin:32px 0 8px;padding-bottom:4px;border-bottom:1px solid #e3e6ea}
 .sub{color:#5a6472;margin:0 0 16px}
+.ci{color:#667;font-size:.85em}
 .conclusion{font-weight:700;padding:.5rem .8rem;border-radius:4px;margin:0 0 .5rem}
 .conclusion.removed{background:#e6f4ea;color:#1e5631}
 .conclusion.may-remain,.conclusion.none{background:#fdecea;color:#8a1c1c}
@@ -162,6 +165,8 @@ def _metric_cells(m: Measurement | None, base: Measurement | None) -> list[str]:
         return ["not measured", "", ""]
     delta = _fmt_delta(m.value, base.value) if base is not None else ""
     value = percent(m.value) + (f' <span class="delta">({delta})</span>' if delta else "")
+    span = interval(m)
+    value += f' <span class="ci">[{span}]</span>' if span else ""
     return [value, _e(m.split), str(m.samples)]
 
 
@@ -183,7 +188,15 @@ def _stages_table(report: SanitizeReport) -> str:
             ]
         )
     classes = [""] * (len(rows) - 1) + ["hl" if len(rows) > 1 else ""]
-    headers = ["stage", "clean accuracy", "split", "samples", "attack success", "split", "samples"]
+    headers = [
+        "stage",
+        "clean accuracy [95 % interval]",
+        "split",
+        "samples",
+        "attack success [95 % interval]",
+        "split",
+        "samples",
+    ]
     return _table(headers, rows, numeric=(1, 3, 4, 6), row_classes=classes)
 
 
@@ -207,7 +220,8 @@ def _decision_section(report: SanitizeReport) -> str:
     elif d.rule == "prune_fraction" and report.options.prune_fraction is not None:
         pairs.append(("requested fraction", f"{report.options.prune_fraction * 100:.1f} %"))
     pairs.append(("reason", _e(d.reason)))
-    return _kv_table(pairs)
+    note = budget_note(report)
+    return _kv_table(pairs) + (f"<p class='note'>{_e(note)}</p>" if note else "")
 
 
 def _surgery_section(report: SanitizeReport) -> str:

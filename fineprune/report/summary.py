@@ -66,3 +66,27 @@ def verdict_line(report: SanitizeReport) -> str:
     if verdict is None:
         return "Verdict: none (the detector could not run; see the warnings)"
     return f"Verdict: {verdict.conclusion}: {verdict.reason}"
+
+
+def interval(m) -> str:
+    """A Measurement's 95 % interval, as "94.7-98.3 %"; empty for old reports without it."""
+    if m is None or m.low is None or m.high is None:
+        return ""
+    return f"{m.low * 100:.1f}-{m.high * 100:.1f} %"
+
+
+def budget_note(report: SanitizeReport) -> str | None:
+    """Why the pruned model can read more than the budget below the delivered one: k is
+    chosen on the tune split's accuracy, and the evaluation split is another sample."""
+    if report.decision.rule != "max_accuracy_drop" or report.surgery is None:
+        return None
+    drop = 100 * (report.baseline.clean_accuracy.value - report.pruned.clean_accuracy.value)
+    budget = report.options.max_accuracy_drop
+    if drop <= budget:
+        return None
+    split = report.pruned.clean_accuracy.split
+    return (
+        f"On the {split} split the pruned model reads {drop:.1f} points below the delivered one, "
+        f"more than the {budget:g}-point budget: k is chosen on the tune split's accuracy "
+        f"(within budget there), and the {split} split is another, smaller sample."
+    )
