@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test lint format bench reproduce run clean
+.PHONY: install test lint format bench reproduce zoo run clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ bench: install  ## time the fast sweep against the naive one on the seed CNN
 
 reproduce: install  ## the seed study end to end: train attacks, run defenses, write docs/study.md (~30 min)
 	$(BIN)/python -m study.reproduce
+
+zoo: install  ## the victim zoo: train what is missing (~/.cache), defend, detect, docs/experiments/zoo.md (hours; resumable)
+	$(BIN)/python -m study.zoo build
+	$(BIN)/python -m study.zoo defend --recipe default --half tune
+	$(BIN)/python -m study.zoo defend --recipe default --half heldout
+	$(BIN)/python -m study.zoo detect
+	$(BIN)/python -m study.zoo report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
