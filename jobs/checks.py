@@ -1,8 +1,10 @@
-"""Cheap checks of uploaded inputs, run by the API before a job is queued.
+"""Cheap checks of uploaded inputs, run for the API before a job is queued.
 
 They read the model's container and config, the .npz directory, the .npy headers and the
 labels (a few bytes per sample), never the inputs: a bad upload is refused in milliseconds
-instead of minutes later in a worker.
+instead of minutes later in a worker. `check_inputs` runs them in a bounded process of their
+own (`fineprune.load.inspection.bounded`), never in the API's; `run_checks` is what that
+process runs.
 No TensorFlow or Keras here; the engine repeats every check when it really loads the data.
 """
 
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,14 +26,23 @@ from fineprune.data.labelled import (
     trigger_targets,
 )
 from fineprune.data.npz import ArrayHeader, read_npz_headers
-from fineprune.errors import FinePruneError, InvalidDataError, InvalidModelError
-from fineprune.load.inspection import ModelFileInfo, inspect_model_file, layer_index
+from fineprune.errors import FinePruneError, InvalidDataError, InvalidModelError, UnsafeModelError
+from fineprune.load.inspection import (
+    Limits,
+    ModelFileInfo,
+    bounded,
+    inspect_model_file,
+    layer_index,
+)
 from fineprune.load.signature import ModelSignature
 from fineprune.text import one_line
+from jobs.settings import Settings, get_settings
 from schemas.options import SanitizeOptions
 
 log = logging.getLogger(__name__)
 
+CHECKS_ENTRY = "jobs.checks:run_checks"
+"""What the bounded process runs for `check_inputs`."""
 MIN_CLEAN_SAMPLES = 20
 MAX_LABEL_BYTES = 64 * 1024**2
 """Labels up to this size are read at submit (range, classes); bigger ones only by the worker."""
@@ -44,12 +58,14 @@ class InputRejected(Exception):
         self.message = message
 
 
-def check_model(path: Path) -> ModelFileInfo:
-    """Format by magic bytes, container limits, and the layer allowlist."""
+def check_model(path: Path, limits: Limits | None = None) -> ModelFileInfo:
+    """Format by magic bytes, container limits, the allowlist and the weight budget."""
     try:
-        return inspect_model_file(path)
+        return inspect_model_file(path, limits)
     except FinePruneError as exc:
         raise InputRejected("model", exc.kind, exc.message) from exc
+    except MemoryError:
+        raise  # the bounded process answers it for the field being checked
     except Exception as exc:  # a parser choking on a hostile file is still the file's fault
         log.warning("model inspection failed unexpectedly", exc_info=True)
         raise InputRejected(
@@ -136,6 +152,8 @@ def check_labelled(path: Path, role: str, field: str, info: ModelFileInfo) -> in
             check_groups(headers["groups"].dtype, headers["groups"].shape, n, role)
     except FinePruneError as exc:
         raise InputRejected(field, exc.kind, exc.message) from exc
+    except MemoryError:
+        raise
     except Exception as exc:
         raise _unreadable(field, role, exc) from exc
     return n
@@ -157,6 +175,8 @@ def check_trigger(path: Path, info: ModelFileInfo) -> int:
         _check_label_values(path, "trigger", key, headers[key], n, info.output_units)
     except FinePruneError as exc:
         raise InputRejected("trigger_data", exc.kind, exc.message) from exc
+    except MemoryError:
+        raise
     except Exception as exc:
         raise _unreadable("trigger_data", "trigger", exc) from exc
     return n
@@ -195,10 +215,18 @@ def check_layer_option(info: ModelFileInfo, options: SanitizeOptions | None) -> 
         )
 
 
-def check_inputs(paths: dict[str, Path], options: SanitizeOptions | None = None) -> ModelFileInfo:
-    """Every cheap check of one submission; raises InputRejected naming the bad field."""
-    info = check_model(paths["model"])
+def check_inputs_here(
+    paths: dict[str, Path],
+    options: SanitizeOptions | None = None,
+    limits: Limits | None = None,
+    stage: Callable[[str], None] = lambda field: None,
+) -> ModelFileInfo:
+    """Every cheap check of one submission, in this process; raises InputRejected naming the
+    bad field. `stage` hears each field before it is checked."""
+    stage("model")
+    info = check_model(paths["model"], limits)
     check_layer_option(info, options)
+    stage("data")
     n = check_labelled(paths["data"], "clean", "data", info)
     if n < MIN_CLEAN_SAMPLES:
         raise InputRejected(
@@ -207,7 +235,104 @@ def check_inputs(paths: dict[str, Path], options: SanitizeOptions | None = None)
             f"clean data has {n} samples; at least {MIN_CLEAN_SAMPLES} are needed",
         )
     if "test_data" in paths:
+        stage("test_data")
         check_labelled(paths["test_data"], "test", "test_data", info)
     if "trigger_data" in paths:
+        stage("trigger_data")
         check_trigger(paths["trigger_data"], info)
     return info
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """What the checks learnt of an accepted submission (the config stays in the check)."""
+
+    format: str
+    layers: int
+    parameters: int
+    weight_bytes: int
+
+
+def model_limits(settings: Settings) -> Limits:
+    """The bounds on an uploaded model: the weight budget from the settings."""
+    if settings.max_weight_bytes is not None:
+        return Limits(weight_bytes=settings.max_weight_bytes)
+    if settings.job_memory_bytes:
+        return Limits.for_memory(settings.job_memory_bytes)
+    return Limits.for_this_process()
+
+
+def check_inputs(
+    paths: dict[str, Path],
+    options: SanitizeOptions | None = None,
+    settings: Settings | None = None,
+) -> CheckedInputs:
+    """Every cheap check of one submission, in a bounded process; raises InputRejected.
+
+    The process may use `check_memory_bytes` of heap and `check_seconds` of CPU and wall
+    time; an upload that needs more is refused for its field (422), whatever it is.
+    """
+    settings = settings or get_settings()
+    limits = model_limits(settings)
+    request = {
+        "paths": {name: str(Path(path).resolve()) for name, path in paths.items()},
+        "options": None if options is None else options.model_dump(mode="json"),
+        "limits": {name: getattr(limits, name) for name in limits.__dataclass_fields__},
+    }
+    process = bounded.ProcessLimits(
+        memory_bytes=settings.check_memory_bytes,
+        cpu_seconds=max(1, math.ceil(settings.check_seconds)),
+        wall_seconds=settings.check_seconds,
+        file_bytes=limits.weights_file_bytes + 1024**2,
+    )
+    try:
+        answer = bounded.run(
+            CHECKS_ENTRY, request, process, concurrency=settings.check_concurrency, spare=1
+        )
+    except bounded.SandboxFailure as exc:
+        field = exc.stage or "model"
+        kind = UnsafeModelError.kind if field == "model" else InvalidDataError.kind
+        raise InputRejected(field, kind, f"the {_role(field)} was refused: {exc.reason}") from None
+    if "rejected" in answer:
+        rejected = answer["rejected"]
+        raise InputRejected(rejected["field"], rejected["kind"], rejected["message"])
+    return CheckedInputs(**answer["accepted"])
+
+
+def run_checks(request: dict[str, Any], stage: Callable[[str], None]) -> dict[str, Any]:
+    """The bounded process's side: the request from `check_inputs` in, a JSON answer out."""
+    paths = {name: Path(path) for name, path in request["paths"].items()}
+    options = request.get("options")
+    limits = Limits(**request["limits"])
+    current = ["model"]
+
+    def at(field: str) -> None:
+        current[0] = field
+        stage(field)
+
+    try:
+        info = check_inputs_here(
+            paths,
+            None if options is None else SanitizeOptions.model_validate(options),
+            limits,
+            at,
+        )
+    except InputRejected as exc:
+        return {"rejected": {"field": exc.field, "kind": exc.kind, "message": exc.message}}
+    except MemoryError:
+        field = current[0]
+        kind = UnsafeModelError.kind if field == "model" else InvalidDataError.kind
+        message = (
+            f"the {_role(field)} was refused: checking it needed more memory than the check may use"
+        )
+        return {"rejected": {"field": field, "kind": kind, "message": message}}
+    accepted = CheckedInputs(
+        info.format, len(info.layer_classes), info.parameters, info.weight_bytes
+    )
+    return {"accepted": accepted.__dict__}
+
+
+def _role(field: str) -> str:
+    return {"model": "model", "data": "clean data", "test_data": "test data"}.get(
+        field, "trigger data"
+    )

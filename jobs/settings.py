@@ -7,6 +7,7 @@ live, which broker to use and how long a job may run. Names take the prefix `FIN
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -41,6 +42,14 @@ class Settings(BaseSettings):
         description="Broker and result backend. None: embedded mode, Celery's SQLAlchemy "
         "transport over SQLite files in the artifacts dir.",
     )
+    database_url: str | None = Field(
+        None,
+        description="Where job records live, as a SQLAlchemy URL, e.g. "
+        "postgresql+psycopg://fineprune@db.internal/fineprune: required once the API or "
+        "workers run on more than one host. None: SQLite in the artifacts dir "
+        "(state/jobs.sqlite), one host only. JSON record files of an older artifacts dir are "
+        "imported on first start.",
+    )
     artifacts_dir: Path = Field(
         Path("./var/artifacts"),
         validation_alias=_env("artifacts_dir", "ARTIFACTS_DIR"),
@@ -64,9 +73,38 @@ class Settings(BaseSettings):
         1024 * MiB, ge=1, description="Cap of each data part: data, trigger_data, test_data (413)."
     )
     max_field_bytes: int = Field(64 * 1024, ge=1, description="Cap of each non-file form field.")
+    max_weight_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Weights a model may declare, in its config or its weights file (422 "
+        "above). None: what fits job_memory_bytes (a job holds about 8 copies of the weights, "
+        "besides 1 GiB for TensorFlow and the data): 896 MiB at the default 8 GiB.",
+    )
+    check_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        description="Wall seconds the upload checks may take, in their own process, before "
+        "it is killed and the upload refused (422). A good upload takes well under one.",
+    )
+    check_memory_bytes: int = Field(
+        512 * MiB,
+        ge=128 * MiB,
+        description="Heap (RLIMIT_DATA) of the process that checks one upload; its CPU time "
+        "is capped at check_seconds too.",
+    )
+    check_concurrency: int = Field(
+        4, ge=1, description="Upload checks running at once; more wait for a free one."
+    )
 
-    task_soft_time_limit: int = Field(3600, ge=1, description="Seconds; the job fails 'timeout'.")
-    task_time_limit: int = Field(3900, ge=1, description="Seconds; the worker child is killed.")
+    task_soft_time_limit: int = Field(
+        1800,
+        ge=1,
+        description="Seconds; the job fails 'timeout'. Sized to the largest model the weight "
+        "budget accepts: bench/budget_bench.py sanitizes one at the default 896 MiB in about "
+        "320 s on 2 busy cores (200 samples, 2 epochs), so 1800 s leaves room for more data and "
+        "epochs, not for an hour of a stuck worker.",
+    )
+    task_time_limit: int = Field(2100, ge=1, description="Seconds; the worker child is killed.")
     visibility_timeout: int = Field(
         4200,
         ge=1,
@@ -113,7 +151,7 @@ class Settings(BaseSettings):
         ge=0,
         description="CPU seconds (RLIMIT_CPU, all threads together) of the process that runs a "
         "job; over it the job fails 'timeout'. A backstop under task_soft_time_limit, which "
-        "counts wall time: 4 h is that hour on four busy cores. 0: no limit.",
+        "counts wall time, for jobs on many busy cores. 0: no limit.",
     )
     test_hook_file: Path | None = Field(
         None,
@@ -129,12 +167,39 @@ class Settings(BaseSettings):
     )
     callback_max_attempts: int = Field(6, ge=1, le=20)
 
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="Log every finished job to this MLflow tracking URI (the run is named by "
+        "the job id); needs the mlflow extra. None: no tracking.",
+    )
     retention_days: float = Field(
         7.0, gt=0, description="Artifacts of finished jobs older than this are deleted."
     )
     cpu_queue: str = "fineprune"
     gpu_queue: str = "fineprune-gpu"
     use_gpu_queue: bool = Field(False, description="Send new jobs to the GPU queue.")
+
+    worker_concurrency: int = Field(
+        0,
+        ge=0,
+        description="Jobs one worker runs at once (its prefork pool's size). 0: what fits the "
+        "machine, one slot per two usable cores, and no more slots than the memory holds at "
+        "job_memory_bytes each (at least one). Small models gain little from many threads, so "
+        "more slots with fewer threads each finish more jobs per hour than one job on every "
+        "core; a large model wants fewer slots with more threads (set job_threads too).",
+    )
+    job_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads of each job's TensorFlow (intra- and inter-op pools). 0: usable "
+        "cores divided by worker_concurrency, at least one, so slots do not fight for cores.",
+    )
+    warm_job_process: bool = Field(
+        True,
+        description="Keep one job process per worker slot started ahead, TensorFlow imported "
+        "(about 0.5 GiB of memory each), so a job does not wait 3-5 s for the import. Each "
+        "runs one job and is replaced; its isolation is that of a process started for the job.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -176,6 +241,28 @@ class Settings(BaseSettings):
         return not self.redis_url
 
     @property
+    def records_url(self) -> str:
+        """The records database: `database_url`, else SQLite in the state folder."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'jobs.sqlite').resolve()}"
+
+    @property
+    def concurrency(self) -> int:
+        """Worker slots: `worker_concurrency`, or what fits the machine's cores and memory."""
+        if self.worker_concurrency:
+            return self.worker_concurrency
+        by_cores = usable_cores() // 2
+        memory = total_memory_bytes()
+        by_memory = memory // self.job_memory_bytes if memory and self.job_memory_bytes else 0
+        return max(1, min(by_cores, by_memory) if by_memory else by_cores)
+
+    @property
+    def threads_per_job(self) -> int:
+        """TensorFlow threads of one job: `job_threads`, or usable cores / slots."""
+        return self.job_threads or max(1, usable_cores() // self.concurrency)
+
+    @property
     def state_dir(self) -> Path:
         """Records, cancel markers, idempotency keys and the embedded broker's files."""
         return self.artifacts_dir / "state"
@@ -193,6 +280,21 @@ class Settings(BaseSettings):
     def max_request_bytes(self) -> int:
         """Whole-body cap: every part at its cap, plus room for the small fields."""
         return self.max_model_bytes + 3 * self.max_data_bytes + 16 * self.max_field_bytes + MiB
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity: a container's CPU set, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def total_memory_bytes() -> int:
+    """Physical memory, or 0 when the system cannot say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 @lru_cache

@@ -36,6 +36,9 @@ TEXT_FIELDS: dict[str, str] = {
 }
 DRAIN_LIMIT = 16 * 1024**2
 """After refusing a part, read and drop up to this much more so the client sees our answer."""
+HOP_BYTES = 4 * 1024**2
+"""Body bytes gathered before one hop to a worker thread parses, hashes and writes them: the
+server hands over 64 KiB at a time, and a hop per 64 KiB cost uploads a third of disk speed."""
 
 
 @dataclass
@@ -228,14 +231,20 @@ async def receive_upload(
     sink = _Sink(store, job_id, settings)
     chunks = request.stream()
     received = 0
+    pending = bytearray()
     try:
         parser = MultipartParser(boundary, sink.callbacks())  # type: ignore[arg-type]
         async for chunk in chunks:
             received += len(chunk)
             if received > total_cap:
                 raise ApiError(413, "too_large", f"the request is over {total_cap} bytes")
-            if chunk:
-                await anyio.to_thread.run_sync(parser.write, chunk)
+            pending += chunk
+            if len(pending) >= HOP_BYTES:
+                await anyio.to_thread.run_sync(parser.write, bytes(pending))
+                pending.clear()
+        if pending:
+            await anyio.to_thread.run_sync(parser.write, bytes(pending))
+            pending.clear()
         if not sink.ended:
             raise ApiError(400, "bad_request", "the multipart body ends before its last boundary")
     except BaseException as exc:

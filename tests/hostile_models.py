@@ -15,6 +15,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,6 +180,7 @@ def rewrite_zip(
     dst: Path,
     replace: dict[str, ZipEdit] | None = None,
     extra: list[tuple[str, bytes]] | None = None,
+    compression: int = zipfile.ZIP_STORED,
 ) -> Path:
     """Copy a .keras archive, replacing (bytes) or dropping (None) members and adding others.
 
@@ -186,7 +188,7 @@ def rewrite_zip(
     produce on its own, like '../evil' or a second 'config.json'.
     """
     replace = replace or {}
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression) as zout:
         for info in zin.infolist():
             data = replace.get(info.filename, zin.read(info.filename))
             if data is not None:
@@ -198,12 +200,19 @@ def rewrite_zip(
     return dst
 
 
-def edit_keras_config(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+def edit_keras_config(
+    src: Path,
+    dst: Path,
+    edit: Callable[[dict[str, Any]], None],
+    compression: int = zipfile.ZIP_STORED,
+) -> Path:
     """Copy a .keras archive with its config.json changed in place by `edit`."""
     with zipfile.ZipFile(src) as zf:
         config = json.loads(zf.read("config.json"))
     edit(config)
-    return rewrite_zip(src, dst, replace={"config.json": json.dumps(config).encode()})
+    return rewrite_zip(
+        src, dst, replace={"config.json": json.dumps(config).encode()}, compression=compression
+    )
 
 
 def layer_config(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -429,4 +438,402 @@ def npz_lying_header(path: Path, shape: tuple[int, ...], n_labels: int = 40) -> 
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("x.npy", member.getvalue())
         archive.writestr("y.npy", y.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------- small files, big asks
+# Found by trying the checks as an attacker would (issue 28): none of these runs code, each
+# makes a small upload ask for memory, time or disk out of all proportion to its size.
+
+
+def tiny_functional(path: Path, classes: int = 10, channels: int = 1) -> Path:
+    """The tiny CNN as a Functional model: its config lists layers that need not be connected."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((16, 16, channels), name="image")
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.Flatten(name="flatten")(keras.layers.MaxPooling2D(2, name="pool")(x))
+    out = keras.layers.Dense(classes, activation="softmax", name="dense")(x)
+    keras.Model(inp, out, name="tiny_functional").save(path)
+    return path
+
+
+def add_unconnected(*layers: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """A config edit putting layers with no inbound node first in a Functional model: Keras
+    still builds each one (from its build_config), before the layers of the graph."""
+
+    def edit(config: dict[str, Any]) -> None:
+        for layer in reversed(layers):
+            name = layer["config"]["name"]
+            config["config"]["layers"].insert(0, {"name": name, "inbound_nodes": [], **layer})
+
+    return edit
+
+
+def serialized(class_name: str, module: str = "keras.layers", **config: Any) -> dict[str, Any]:
+    return {"module": module, "class_name": class_name, "config": config, "registered_name": None}
+
+
+def huge_dense(units: int = 56_000, inputs: int = 56_000, name: str = "huge") -> dict[str, Any]:
+    """A Dense declaring an `inputs` x `units` kernel (56,000 x 56,000 float32: 11.7 GiB)."""
+    layer = serialized("Dense", name=name, units=units)
+    return {**layer, "build_config": {"input_shape": [None, inputs]}}
+
+
+def identity_towers(towers: int = 48, depth: int = 900) -> list[dict[str, Any]]:
+    """Unconnected Sequentials of Identity layers: Keras rebuilds each as it grows."""
+    found = []
+    for t in range(towers):
+        inner = [serialized("Identity", name=f"id_{t}_{i}") for i in range(depth)]
+        found.append(
+            {
+                **serialized("Sequential", module="keras", name=f"tower_{t}", layers=inner),
+                "build_config": {"input_shape": [None, 4]},
+            }
+        )
+    return found
+
+
+GADGET_MODULE = "keras.src.saving.saving_lib_test"
+"""A Keras test module: importing it registers custom classes (MyDense...) process-wide."""
+
+
+def gadget_object(shared_id: int | None = None) -> dict[str, Any]:
+    """MyDense from Keras's own test module, which Keras would import to resolve it."""
+    obj = {
+        "module": GADGET_MODULE,
+        "class_name": "MyDense",
+        "config": {"units": 2, "name": "gadget"},
+        "registered_name": "my_custom_package>MyDense",
+    }
+    return obj if shared_id is None else {**obj, "shared_object_id": shared_id}
+
+
+def text_vectorization(name: str = "text", **slots: Any) -> dict[str, Any]:
+    """A TextVectorization layer whose `standardize`/`split` slots hold what is given."""
+    config = keras.layers.TextVectorization(name=name).get_config()
+    return serialized("TextVectorization", **{**config, **slots})
+
+
+def claim_shared(name: str, shared_id: int) -> Callable[[dict[str, Any]], None]:
+    """A config edit making layer `name` (which claims its own class) share object `shared_id`:
+    Keras hands it whatever an earlier entry with that id built."""
+
+    def edit(config: dict[str, Any]) -> None:
+        find_layer(config, name)["shared_object_id"] = shared_id
+
+    return edit
+
+
+def chain(*edits: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def edit(config: dict[str, Any]) -> None:
+        for one in edits:
+            one(config)
+
+    return edit
+
+
+def vlen_config_bomb(src: Path, dst: Path, elements: int = 16_384, heap: int = 1024**2) -> Path:
+    """A legacy .h5 whose model_config is `elements` strings that all point at one `heap`-byte
+    heap object: 1.7 MB on disk, 16 GiB for whoever reads the attribute."""
+    return vlen_attribute_bomb(src, dst, "/", "model_config", elements, heap)
+
+
+def vlen_attribute_bomb(
+    src: Path, dst: Path, group: str, name: str, elements: int, heap: int
+) -> Path:
+    """Copy a legacy .h5 with attribute `name` of `group` made `elements` strings that all
+    point at one `heap`-byte heap object.
+
+    h5py writes one heap object per string, so the file is patched: every element's record
+    (u32 length, u64 heap collection, u32 index) is made a copy of the first one's. Written in
+    HDF5's newest format, which keeps an attribute this large outside the object header.
+    """
+    with h5py.File(src) as old, h5py.File(dst, "w", libver="latest") as new:
+        for key in old:
+            old.copy(key, new)
+        for key, value in old.attrs.items():
+            new.attrs[key] = value
+        target = new[group]
+        if name in target.attrs:
+            del target.attrs[name]
+        strings = np.array(["A" * heap] + ["b"] * (elements - 1), dtype=object)
+        target.attrs.create(name, strings, dtype=h5py.string_dtype())
+    data = bytearray(dst.read_bytes())
+    first = _first_vlen_record(data, heap, len(data))
+    record = bytes(data[first : first + 16])
+    for i in range(1, elements):
+        data[first + 16 * i : first + 16 * (i + 1)] = record
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def slow_layer_names(src: Path, dst: Path, elements: int = 2_000, heap: int = 3 * 1024**2) -> Path:
+    """A legacy .h5 whose layer_names list is within every count bound, yet reading it means
+    copying one 3 MiB heap object 2,000 times (6 GiB): only a deadline bounds the check."""
+    return vlen_attribute_bomb(src, dst, "model_weights", "layer_names", elements, heap)
+
+
+def _first_vlen_record(data: bytearray, length: int, file_size: int) -> int:
+    """Where the records of a vlen string array start: a `length` record followed by ones of
+    length 1 pointing inside the file."""
+    needle = struct.pack("<I", length)
+    at = data.find(needle)
+    while at >= 0:
+        following = [struct.unpack_from("<IQ", data, at + 16 * k) for k in range(1, 5)]
+        if all(n == 1 and 0 < address < file_size for n, address in following):
+            return at
+        at = data.find(needle, at + 1)
+    raise AssertionError("the vlen records were not found")
+
+
+def deep_groups(path: Path, depth: int = 8_000) -> Path:
+    """Add a chain of `depth` nested groups to an HDF5 file (h5py's visit slows with depth).
+
+    Written in HDF5's newest format, whose compact groups keep 8,000 of them near 1 MB."""
+    with h5py.File(path, "a", libver="latest") as f:
+        group: h5py.Group = f
+        for _ in range(depth):
+            group = group.create_group("g")
+    return path
+
+
+def keras_with_weights(src: Path, dst: Path, edit: Callable[[Path], Any]) -> Path:
+    """A .keras archive whose model.weights.h5 went through `edit(path)`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model.weights.h5"
+        with zipfile.ZipFile(src) as zf:
+            weights.write_bytes(zf.read("model.weights.h5"))
+        edit(weights)
+        return rewrite_zip(src, dst, replace={"model.weights.h5": weights.read_bytes()})
+
+
+def fill_value_kernel(path: Path, shape: tuple[int, ...] = (22_500, 22_500)) -> Path:
+    """Swap the first weight dataset for one declaring `shape` float32 and never written: the
+    file stays small, reading it takes the declared 1.9 GiB."""
+    with h5py.File(path, "a") as f:
+        victim = _first_dataset(f)
+        del f[victim]
+        f.create_dataset(victim, shape=shape, dtype="float32")
+    return path
+
+
+def repeated_weight_names(path: Path, times: int = 256, megabytes: int = 64) -> Path:
+    """A legacy .h5 whose first layer lists one `megabytes` dataset `times` over in its
+    weight_names: Keras reads it once per listing (16 GiB for 64 MiB x 256)."""
+    with h5py.File(path, "a") as f:
+        weights = f["model_weights"]
+        layer = next(name for name in weights if len(weights[name].attrs["weight_names"]))
+        group = weights[layer]
+        group.create_dataset("big", shape=(megabytes * 1024**2 // 4,), dtype="float32")
+        group.attrs["weight_names"] = np.array(["big"] * times, dtype=h5py.string_dtype())
+    return path
+
+
+def many_assets(src: Path, dst: Path, count: int = 2_000, each: int = 1024**2 - 1) -> Path:
+    """An archive with `count` assets/ members of `each` zeros, deflated: just under the size
+    where the ratio check starts, so each looks too small to be a bomb."""
+    zeros = bytes(each)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename))
+        for i in range(count):
+            zout.writestr(f"assets/junk/{i}.bin", zeros)
+    return dst
+
+
+def rename_layer(name: str, new: str) -> Callable[[dict[str, Any]], None]:
+    """A config edit renaming layer `name` (Sequential: no graph refers to it by name)."""
+
+    def edit(config: dict[str, Any]) -> None:
+        find_layer(config, name)["config"]["name"] = new
+
+    return edit
+
+
+def edit_h5_config(path: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """Change a legacy .h5's model_config in place."""
+    with h5py.File(path, "a") as f:
+        config = json.loads(f.attrs["model_config"])
+        edit(config)
+        f.attrs["model_config"] = json.dumps(config)
+    return path
+
+
+# --------------------------------------------------------------------------- the issue-28 corpus
+
+
+@dataclass(frozen=True)
+class Attack:
+    """One small file asking for too much, and how it must be refused.
+
+    `in_worker`: only the job's process can tell (Keras's own shape inference), so the API
+    accepts it and the job must fail; everything else is refused before anything is queued.
+    """
+
+    build: Callable[[AttackBase, Path], Path]
+    kind: str
+    fragments: tuple[str, ...]
+    in_worker: bool = False
+
+
+@dataclass(frozen=True)
+class AttackBase:
+    """The tiny models the attacks are made from (16x16x`channels`, `classes` outputs)."""
+
+    keras: Path
+    h5: Path
+    functional: Path
+
+    @classmethod
+    def build(cls, root: Path, classes: int, channels: int) -> AttackBase:
+        root.mkdir(parents=True, exist_ok=True)
+        keras_path, h5_path = root / "base.keras", root / "base.h5"
+        tiny_model(classes=classes, channels=channels).save(keras_path)
+        tiny_model(classes=classes, channels=channels).save(h5_path)
+        functional = tiny_functional(root / "base_functional.keras", classes, channels)
+        return cls(keras_path, h5_path, functional)
+
+    def h5_copy(self, dst: Path) -> Path:
+        dst.write_bytes(self.h5.read_bytes())
+        return dst
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    layer: dict[str, Any] = serialized("Dense", name="innermost", units=2)
+    for level in range(levels):
+        layer = serialized("Sequential", module="keras", name=f"level_{level}", layers=[layer])
+    return layer
+
+
+def _einsum(units: int = 56_000) -> dict[str, Any]:
+    """A layer whose weights only Keras's shape inference tells: the job's process measures."""
+    layer = serialized("EinsumDense", name="wide", equation="ab,bc->ac", output_shape=units)
+    return {**layer, "build_config": {"input_shape": [None, units]}}
+
+
+def _units(name: str, units: int) -> Callable[[dict[str, Any]], None]:
+    return lambda config: find_layer(config, name)["config"].update(units=units)
+
+
+ATTACKS: dict[str, Attack] = {
+    "vlen_config_bomb.h5": Attack(
+        lambda b, p: vlen_config_bomb(b.h5, p), "unsafe_model", ("lists 16384 strings",)
+    ),
+    "slow_layer_names.h5": Attack(
+        lambda b, p: slow_layer_names(b.h5, p), "unsafe_model", ("'layer_names'",)
+    ),
+    "deep_groups.h5": Attack(
+        lambda b, p: deep_groups(b.h5_copy(p)), "unsafe_model", ("nests groups more than 32",)
+    ),
+    "deep_groups.keras": Attack(
+        lambda b, p: keras_with_weights(b.keras, p, deep_groups),
+        "unsafe_model",
+        ("model.weights.h5 nests groups more than 32",),
+    ),
+    "gadget_standardize.keras": Attack(
+        lambda b, p: edit_keras_config(
+            b.functional, p, add_unconnected(text_vectorization(standardize=gadget_object()))
+        ),
+        "unsafe_model",
+        ("'standardize' of class 'MyDense'", GADGET_MODULE),
+    ),
+    "gadget_split.keras": Attack(
+        lambda b, p: edit_keras_config(
+            b.functional, p, add_unconnected(text_vectorization(split=gadget_object()))
+        ),
+        "unsafe_model",
+        ("'split' of class 'MyDense'",),
+    ),
+    "gadget_claimed_by_dense.keras": Attack(
+        lambda b, p: edit_keras_config(
+            b.functional,
+            p,
+            chain(
+                add_unconnected(text_vectorization(standardize=gadget_object(7))),
+                claim_shared("dense", 7),
+            ),
+        ),
+        "unsafe_model",
+        ("'standardize' of class 'MyDense'",),
+    ),
+    "shared_object_of_another_class.keras": Attack(
+        lambda b, p: edit_keras_config(
+            b.functional,
+            p,
+            chain(
+                add_unconnected(
+                    {**serialized("Dropout", name="drop", rate=0.5), "shared_object_id": 9}
+                ),
+                claim_shared("dense", 9),
+            ),
+        ),
+        "unsafe_model",
+        ("shares object 9",),
+    ),
+    "huge_dense.keras": Attack(
+        lambda b, p: edit_keras_config(b.functional, p, add_unconnected(huge_dense())),
+        "unsafe_model",
+        ("layer 'huge' alone takes 11.7 GiB", "weight budget"),
+    ),
+    "huge_dense.h5": Attack(
+        lambda b, p: edit_h5_config(b.h5_copy(p), _units("dense", 10_000_000)),
+        "unsafe_model",
+        ("layer 'dense' alone takes 7.3 GiB",),
+    ),
+    "fill_value_kernel.keras": Attack(
+        lambda b, p: keras_with_weights(b.keras, p, fill_value_kernel),
+        "unsafe_model",
+        ("declares 1.9 GiB of data",),
+    ),
+    "repeated_weight_names.h5": Attack(
+        lambda b, p: repeated_weight_names(b.h5_copy(p)),
+        "unsafe_model",
+        ("of weights to read", "weight_names of 'conv'"),
+    ),
+    "identity_towers.keras": Attack(
+        lambda b, p: edit_keras_config(
+            b.functional, p, add_unconnected(*identity_towers()), zipfile.ZIP_DEFLATED
+        ),
+        "unsafe_model",
+        ("more than 2000 layers",),
+    ),
+    "nested_too_deep.keras": Attack(
+        lambda b, p: edit_keras_config(b.functional, p, add_unconnected(_nested(10))),
+        "unsafe_model",
+        ("over the 8 allowed",),
+    ),
+    "many_assets.keras": Attack(
+        lambda b, p: many_assets(b.keras, p), "unsafe_model", ("2003 members",)
+    ),
+    "big_assets.keras": Attack(
+        lambda b, p: many_assets(b.keras, p, count=80),
+        "unsafe_model",
+        ("assets take 80.0 MiB uncompressed",),
+    ),
+    "angle_bracket_name.keras": Attack(
+        lambda b, p: edit_keras_config(b.keras, p, rename_layer("conv", "conv<1>")),
+        "unsafe_model",
+        ("layer name 'conv<1>' is not one TensorFlow accepts",),
+    ),
+    "measured_in_the_job.keras": Attack(
+        lambda b, p: edit_keras_config(b.functional, p, add_unconnected(_einsum())),
+        "unsafe_model",
+        ("would hold 11.7 GiB of weights once built",),
+        in_worker=True,
+    ),
+}
+
+
+def build_attacks(root: Path, classes: int = 4, channels: int = 3) -> dict[str, Path]:
+    """Every file of `ATTACKS` under `root`, made from tiny models that fit the given data."""
+    base = AttackBase.build(root / "base", classes, channels)
+    return {name: attack.build(base, root / name) for name, attack in ATTACKS.items()}
+
+
+def npz_many_members(path: Path, count: int = 1_500) -> Path:
+    """An .npz whose directory lists `count` empty members: zipfile would build an object for
+    each before anyone could count them (refused from the directory's end record)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"a{i}.npy", b"")
     return path

@@ -8,8 +8,10 @@ after the worker has run every job. The service processes have the evil module's
 layer through would really import or build it, and the marker would say so.
 
 Cases the API can refuse from the container, the config and the .npy headers must get a 4xx
-JSON error that names the problem and must leave no file behind. Cases only the data's values
-can reveal (NaN, labels out of range, ...) must become a `failed` job with a reason.
+JSON error that names the problem, within seconds, and must leave no file behind; the API's own
+memory must stay flat (it never parses an upload itself: the checks run in a bounded process).
+Cases only the data's values or Keras's own shape inference can reveal (NaN, labels out of
+range, weights only a build can size) must become a `failed` job with a reason.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,9 @@ import numpy as np
 import pytest
 from factories import save_npz, sequential_bn_flatten, textures
 from hostile_models import (
+    ATTACKS,
     add_h5_attack,
+    build_attacks,
     corrupt_member_stream,
     edit_keras_config,
     evil_module,
@@ -39,6 +46,7 @@ from hostile_models import (
     layer_config,
     npz_bomb,
     npz_lying_header,
+    npz_many_members,
     npz_with_pickles,
     patch_zip_headers,
     random_bytes,
@@ -68,13 +76,21 @@ from service_helpers import (
     wait_worker,
 )
 
+from fineprune.load.inspection import ALLOWED_LAYER_CLASSES, inspect_model_file
+
 REDIS_URL = "redis://127.0.0.1:6379/12"
 MiB = 1024**2
 LIMITS = {
-    "max_model_bytes": 1 * MiB,
+    "max_model_bytes": 4 * MiB,  # the issue-28 files are up to 3.3 MB
     "max_data_bytes": 1 * MiB,
     "progress_interval": 0.5,
+    "check_seconds": 10,
 }
+REFUSAL_SECONDS = 30.0
+"""Generous bound on one refusal: the checks take well under a second, a loaded 2-core box
+more, a check at its deadline 10 s."""
+API_PEAK_KIB = 1024**2
+"""The API's peak resident memory (about 0.15 GiB); the issue-28 files asked for 8 GiB."""
 FAST = {"epochs": 1}
 EVIL = "fineprune_hostile_evil"  # a module on the services' path that touches a marker if imported
 TESTS = Path(__file__).resolve().parent
@@ -232,6 +248,10 @@ def _build_models(c: Corpus) -> None:
     with npz_as_model.open("wb") as fh:
         np.savez(fh, x=np.zeros(3))
 
+    # Issue 28: small files asking for gigabytes, hours or a module import.
+    for name, path in build_attacks(c.root / "issue28").items():
+        c.add(name, path)
+
     # Passes every static check; only Keras, in the worker, finds the weights do not fit.
     def five_outputs(config: dict[str, Any]) -> None:
         layer_config(config, "out")["config"]["units"] = 5
@@ -247,6 +267,7 @@ def _build_data(c: Corpus) -> None:
     c.add("pickle.npz", npz_with_pickles(c.path("pickle.npz"), c.marker("pickle.npz")))
     c.add("pickle_y.npz", npz_with_pickles(c.path("pickle_y.npz"), c.marker("pickle_y"), key="y"))
     c.add("npz_bomb.npz", npz_bomb(c.path("npz_bomb.npz")))
+    c.add("many_members.npz", npz_many_members(c.path("many_members.npz")))
     c.add("lying_header.npz", npz_lying_header(c.path("lying_header.npz"), (10**9, 16, 16, 3)))
     c.add("short_member.npz", npz_lying_header(c.path("short_member.npz"), (40, 16, 16, 3)))
     c.add("encrypted.npz", patch_zip_headers(c.path("good.npz"), c.path("encrypted.npz"), 1))
@@ -485,6 +506,7 @@ REFUSED: dict[str, Refused] = {
         "short_member.npz", "declares shape (40, 16, 16, 3)", "holds 4096 bytes"
     ),
     "npz_array_twice": invalid_data("twice.npz", "array 'x' twice"),
+    "npz_huge_directory": invalid_data("many_members.npz", "declares 1500 members"),
     "npz_encrypted": invalid_data("encrypted.npz", "encrypted"),
     "npz_unsupported_compression": invalid_data("deflate64.npz", "compression method 9"),
     "npz_corrupt_stream": invalid_data("corrupt_stream.npz", "could not be read"),
@@ -524,6 +546,12 @@ REFUSED: dict[str, Refused] = {
     "truncated_data": invalid_data("truncated.npz", "not an .npz file"),
     "keras_named_npz": invalid_data("keras_as_npz.npz", "lacks 'x', 'y'"),
     "h5_named_npz": invalid_data("lambda.h5", "not an .npz file"),
+    # issue 28
+    **{
+        name: Refused({"model": name}, attack.kind, attack.fragments)
+        for name, attack in ATTACKS.items()
+        if not attack.in_worker
+    },
 }
 
 
@@ -547,18 +575,150 @@ def _check_error(response: httpx.Response, status: int, error: str, *fragments: 
     return body
 
 
+def api_peak_kib(stack: Stack) -> int:
+    """The API process's peak resident memory so far (VmHWM)."""
+    status = Path(f"/proc/{stack.api.popen.pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0])
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_hostile_upload_is_refused_at_once(corpus: Corpus, stack: Stack, case: str) -> None:
     spec = REFUSED[case]
     before = stack.stored()
+    started = time.monotonic()
     with stack.client() as client:
         response = client.post(
             "/v1/jobs", files=_parts(corpus, spec), data={"options": json.dumps(FAST)}
         )
+    took = time.monotonic() - started
     body = _check_error(response, spec.status, spec.error, *spec.fragments)
     assert body["detail"][0]["loc"] == ["body", spec.field], body
+    assert took < REFUSAL_SECONDS, f"refused after {took:.1f} s"
+    assert api_peak_kib(stack) < API_PEAK_KIB, f"the API reached {api_peak_kib(stack)} KiB"
     assert stack.stored() == before, "a refused upload left files behind"
     assert not corpus.touched(), f"a payload ran: {corpus.touched()}"
+
+
+HEAVIEST = (
+    "slow_layer_names.h5",
+    "vlen_config_bomb.h5",
+    "deep_groups.keras",
+    "identity_towers.keras",
+    "many_assets.keras",
+    "huge_dense.keras",
+)
+"""The issue-28 files that make the check do the most work before it refuses them."""
+
+
+@pytest.fixture(scope="module")
+def accepted_meanwhile() -> list[str]:
+    """Jobs the tests below queue besides the worker cases, for the final folder count."""
+    return []
+
+
+def test_the_api_keeps_answering_while_hostile_uploads_are_checked(
+    corpus: Corpus, stack: Stack, accepted_meanwhile: list[str]
+) -> None:
+    """Six hostile uploads at once, a good upload and polls beside them: the polls and the good
+    upload are answered, each hostile one refused within seconds, memory flat, nothing kept."""
+    before = stack.stored()
+    polls: list[float] = []
+    done = threading.Event()
+
+    def post(name: str) -> tuple[str, int, float, dict[str, Any]]:
+        parts = _parts(corpus, Refused({"model": name}, "", ()))
+        started = time.monotonic()
+        with stack.client() as client:
+            response = client.post("/v1/jobs", files=parts, data={"options": json.dumps(FAST)})
+        return name, response.status_code, time.monotonic() - started, response.json()
+
+    def poll() -> None:
+        with stack.client() as client:
+            while not done.is_set():
+                started = time.monotonic()
+                assert client.get("/healthz").status_code == 200
+                assert client.get("/v1/jobs").status_code == 200
+                polls.append(time.monotonic() - started)
+                time.sleep(0.05)
+
+    with ThreadPoolExecutor(len(HEAVIEST) + 2) as pool:
+        poller = pool.submit(poll)
+        hostile = [pool.submit(post, name) for name in HEAVIEST]
+        good = pool.submit(post, "good.keras")
+        results = [future.result(timeout=120) for future in hostile]
+        _, good_status, good_took, good_body = good.result(timeout=120)
+        done.set()
+        poller.result(timeout=30)
+    assert good_status == 202, good_body
+    accepted_meanwhile.append(good_body["id"])
+    assert good_took < REFUSAL_SECONDS
+    for name, status, took, body in results:
+        assert status == 422 and body["error"] == ATTACKS[name].kind, (name, body)
+        assert took < REFUSAL_SECONDS, (name, took)
+    assert len(polls) >= 5 and max(polls) < 5.0, polls
+    assert api_peak_kib(stack) < API_PEAK_KIB
+    assert stack.stored() - before == {
+        p for p in stack.stored() if p.startswith(good_body["id"])
+    }, "a refused upload left files behind"
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def test_sigterm_stops_the_api_promptly_while_it_checks_an_upload(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    """An API of its own, stopped while checking a hostile upload: it exits within seconds,
+    its check processes with it, and the upload's files are gone."""
+    artifacts = tmp_path / "artifacts"
+    env = service_env(artifacts, REDIS_URL, api_keys=API_KEY, **LIMITS)
+    port = free_port()
+    api = start_api(env, port, tmp_path / "api.log")
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        wait_api(base_url, api)
+        answers: list[int] = []
+
+        def post() -> None:
+            parts = _parts(corpus, Refused({"model": "slow_layer_names.h5"}, "", ()))
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            with contextlib.suppress(httpx.HTTPError):
+                response = httpx.post(
+                    f"{base_url}/v1/jobs", files=parts, headers=headers, timeout=60
+                )
+                answers.append(response.status_code)
+
+        sender = threading.Thread(target=post)
+        sender.start()
+        time.sleep(0.4)  # the upload (3.3 MB) is in, its check under way
+        checks = _children(api.popen.pid)
+        api.popen.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        api.popen.wait(15)
+        stopped = time.monotonic() - started
+        sender.join(30)
+    finally:
+        api.stop()
+    assert stopped < 10, f"the API took {stopped:.1f} s to stop"
+    assert all(status >= 400 for status in answers), answers
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in checks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in checks if _alive(pid)], "a check process outlived the API"
+    jobs = artifacts / "jobs"
+    assert not jobs.exists() or not [p for p in jobs.rglob("*") if p.is_file()]
 
 
 # --------------------------------------------------------------------------- the HTTP envelope
@@ -612,7 +772,8 @@ def _without(part: str) -> Callable[[Corpus], dict[str, Any]]:
 
 
 def _oversized(part: str) -> Callable[[Corpus], dict[str, Any]]:
-    big = np.random.default_rng(2).bytes(MiB + 4096)
+    cap = LIMITS["max_model_bytes"] if part == "model" else LIMITS["max_data_bytes"]
+    big = np.random.default_rng(2).bytes(int(cap) + 4096)
     return lambda corpus: _good(corpus, **{part: (part, big, f"{part}.bin")})
 
 
@@ -799,6 +960,12 @@ WORKER_CASES: dict[str, FailsInWorker] = {
         "invalid_model",
         ("Keras could not load the model", "Dense name=out"),
     ),
+    # issue 28: weights only Keras's shape inference can size, measured before any is allocated
+    **{
+        name: FailsInWorker({"model": name}, attack.kind, attack.fragments)
+        for name, attack in ATTACKS.items()
+        if attack.in_worker
+    },
 }
 
 
@@ -838,7 +1005,7 @@ def test_bad_values_fail_the_job_with_a_reason(
 
 
 def test_service_is_healthy_afterwards_and_no_payload_ever_ran(
-    corpus: Corpus, stack: Stack, worker_jobs: dict[str, str]
+    corpus: Corpus, stack: Stack, worker_jobs: dict[str, str], accepted_meanwhile: list[str]
 ) -> None:
     with stack.client() as client:
         ready = client.get("/readyz")
@@ -854,12 +1021,16 @@ def test_service_is_healthy_afterwards_and_no_payload_ever_ran(
         assert body["state"] == "succeeded", (body, stack.worker.tail())
         model = client.get(f"/v1/jobs/{job_id}/model")
         assert model.status_code == 200 and model.content[:4] == b"PK\x03\x04"
+        returned = stack.artifacts.parent / "returned.keras"
+        returned.write_bytes(model.content)
+        classes = inspect_model_file(returned).layer_classes
+        assert set(classes) <= ALLOWED_LAYER_CLASSES, classes  # built-ins only, checked again
         # Every worker-only job is final: the worker ran all it was given.
         for other in worker_jobs.values():
             assert client.get(f"/v1/jobs/{other}").json()["state"] == "failed"
     assert stack.api.popen.poll() is None and stack.worker.popen.poll() is None
     # Only jobs that were queued have folders; every refusal left nothing.
     folders = {p.name for p in (stack.artifacts / "jobs").iterdir()}
-    assert folders == {*worker_jobs.values(), job_id}
+    assert folders == {*worker_jobs.values(), *accepted_meanwhile, job_id}
     time.sleep(0.5)  # anything a payload started would have touched its marker by now
     assert not corpus.touched(), f"a payload ran: {corpus.touched()}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fineprune.errors import InvalidDataError
+from fineprune.load.inspection.archive import declared_entries
 from fineprune.text import one_line, quoted
 
 MAX_MEMBER_BYTES = 4 * 1024**3
@@ -50,8 +51,15 @@ def check_npz_container(path: Path, role: str) -> list[str]:
     if not path.exists() or path.stat().st_size == 0:
         raise InvalidDataError(f"{role} data file is empty or missing")
     try:
+        entries = declared_entries(path)  # before zipfile builds an object for each
+        if entries is not None and entries > MAX_MEMBERS:
+            raise InvalidDataError(
+                f"{role} data declares {entries} members; an .npz needs a few arrays, refused"
+            )
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
+    except InvalidDataError:
+        raise
     except _READ_ERRORS as exc:
         raise InvalidDataError(
             f"{role} data is not an .npz file (not a readable zip archive: {one_line(exc)})"
