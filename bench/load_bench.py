@@ -58,7 +58,7 @@ from service_helpers import (
     wait_worker,
 )
 
-from jobs.records import FileRecordStore, JobRecord
+from jobs.records import JobRecord, RecordStore
 
 RESULTS = REPO / "bench" / "results" / "load.json"
 REDIS_URL = "redis://127.0.0.1:6379/11"
@@ -264,7 +264,7 @@ def baseline_phase(
     return by_kind, made
 
 
-def exactly_once(records: FileRecordStore, ids: Sequence[str]) -> dict[str, Any]:
+def exactly_once(records: RecordStore, ids: Sequence[str]) -> dict[str, Any]:
     """From each job's own event log: one final event, matching its state, and one run (a job
     cancelled before it started has none)."""
     problems: list[str] = []
@@ -425,7 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             drained = time.perf_counter() - t0
             ids = [*ids, *cancelled]
             not_final = [i for i in ids if bodies.get(i, {}).get("state") not in FINAL]
-            jobs = exactly_once(FileRecordStore(artifacts / "state"), ids)
+            jobs = exactly_once(RecordStore.sqlite(artifacts / "state"), ids)
             if not_final:
                 jobs["exactly_once"] = False
                 jobs["problems"].append(f"{len(not_final)} jobs not final after {args.timeout} s")

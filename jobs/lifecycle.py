@@ -11,7 +11,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from jobs.records import ArtifactInfo, FileRecordStore, JobRecord, RecordNotFound, now
+from sqlalchemy.exc import SQLAlchemyError
+
+from jobs.records import ArtifactInfo, JobRecord, RecordNotFound, RecordStore, now
 from jobs.storage import ArtifactStore
 from schemas.jobs import JobError, JobProgress, JobState, JobSummary
 
@@ -53,7 +55,7 @@ def seconds_since_heartbeat(record: JobRecord, at: datetime | None = None) -> fl
 
 
 def begin_attempt(
-    records: FileRecordStore,
+    records: RecordStore,
     store: ArtifactStore,
     job_id: str,
     max_attempts: int,
@@ -105,7 +107,7 @@ def _fail(record: JobRecord, kind: str, message: str) -> bool:
     return True
 
 
-def fail(records: FileRecordStore, job_id: str, kind: str, message: str) -> JobRecord | None:
+def fail(records: RecordStore, job_id: str, kind: str, message: str) -> JobRecord | None:
     """Fail the job unless it is already final."""
     try:
         return records.update(job_id, lambda r: _fail(r, kind, message))
@@ -114,7 +116,7 @@ def fail(records: FileRecordStore, job_id: str, kind: str, message: str) -> JobR
 
 
 def _cancel_locked(
-    records: FileRecordStore, store: ArtifactStore, record: JobRecord, note: str
+    records: RecordStore, store: ArtifactStore, record: JobRecord, note: str
 ) -> JobRecord:
     store.delete_job(record.id)
 
@@ -128,7 +130,7 @@ def _cancel_locked(
     return records.update_locked(record.id, mutate)
 
 
-def mark_cancelled(records: FileRecordStore, store: ArtifactStore, job_id: str) -> JobRecord:
+def mark_cancelled(records: RecordStore, store: ArtifactStore, job_id: str) -> JobRecord:
     """The worker saw the cancel marker: the job ends cancelled and its files go."""
     with records.locked(job_id):
         record = records.get(job_id)
@@ -138,7 +140,7 @@ def mark_cancelled(records: FileRecordStore, store: ArtifactStore, job_id: str) 
 
 
 def request_cancel(
-    records: FileRecordStore, store: ArtifactStore, job_id: str
+    records: RecordStore, store: ArtifactStore, job_id: str
 ) -> tuple[JobRecord, bool]:
     """DELETE: (record, done now). A running job is only asked to stop; the worker finishes."""
     records.request_cancel(job_id)
@@ -157,7 +159,7 @@ def request_cancel(
 
 
 def publish_success(
-    records: FileRecordStore,
+    records: RecordStore,
     store: ArtifactStore,
     job_id: str,
     out_dir: Path,
@@ -199,7 +201,7 @@ class ProgressWriter:
     Stage changes are always written; writes never touch a job that is no longer running.
     """
 
-    def __init__(self, records: FileRecordStore, job_id: str, interval: float) -> None:
+    def __init__(self, records: RecordStore, job_id: str, interval: float) -> None:
         self._records = records
         self._job_id = job_id
         self._interval = interval
@@ -222,7 +224,7 @@ class ProgressWriter:
 
         try:
             self._records.update(self._job_id, mutate)
-        except OSError:
+        except (OSError, SQLAlchemyError):
             log.warning("could not write progress of job %s", self._job_id, exc_info=True)
 
 
@@ -233,7 +235,7 @@ class Heartbeat:
     is taken for lost and run again, a job that still beats is left alone.
     """
 
-    def __init__(self, records: FileRecordStore, job_id: str, interval: float) -> None:
+    def __init__(self, records: RecordStore, job_id: str, interval: float) -> None:
         self._records = records
         self._job_id = job_id
         self._interval = interval
@@ -253,5 +255,5 @@ class Heartbeat:
 
         try:
             self._records.update(self._job_id, beat)
-        except (OSError, RecordNotFound):
+        except (OSError, SQLAlchemyError, RecordNotFound):
             log.warning("could not write the heartbeat of job %s", self._job_id, exc_info=True)

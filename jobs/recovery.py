@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from jobs.lifecycle import seconds_since_heartbeat
-from jobs.records import FileRecordStore, JobEvent, JobRecord, RecordNotFound, now
+from jobs.records import JobEvent, JobRecord, RecordNotFound, RecordStore, now
 from schemas.jobs import JobState
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def _lost_reason(
 
 
 def recover_lost_jobs(
-    records: FileRecordStore,
+    records: RecordStore,
     send: Send,
     *,
     stale_after: float,
@@ -66,7 +68,7 @@ def recover_lost_jobs(
     """
     at = at or now()
     recovered: list[Recovered] = []
-    for candidate in records.iter_all():
+    for candidate in records.in_states((JobState.queued, JobState.running)):
         if _lost_reason(candidate, at, stale_after, unsent_after, redelivers) is None:
             continue
         with records.locked(candidate.id):
@@ -90,7 +92,7 @@ def recover_lost_jobs(
     return recovered
 
 
-def _claim_locked(records: FileRecordStore, job_id: str, note: str) -> None:
+def _claim_locked(records: RecordStore, job_id: str, note: str) -> None:
     """Note the resend, so the next sweeps leave the job to the new delivery for a while."""
 
     def claim(r: JobRecord) -> bool:
@@ -101,7 +103,7 @@ def _claim_locked(records: FileRecordStore, job_id: str, note: str) -> None:
     records.update_locked(job_id, claim)
 
 
-def mark_sent(records: FileRecordStore, job_id: str) -> None:
+def mark_sent(records: RecordStore, job_id: str) -> None:
     """Note that the job's message reached the broker (failing to is only a later resend)."""
 
     def sent(r: JobRecord) -> bool:
@@ -112,5 +114,5 @@ def mark_sent(records: FileRecordStore, job_id: str) -> None:
 
     try:
         records.update(job_id, sent)
-    except (OSError, RecordNotFound):
+    except (OSError, SQLAlchemyError, RecordNotFound):
         log.warning("could not note that job %s was sent", job_id, exc_info=True)

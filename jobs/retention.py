@@ -8,23 +8,19 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from jobs.records import FileRecordStore, JobRecord, now
+from jobs.records import JobRecord, RecordStore, now
 from jobs.storage import ArtifactStore
 
 log = logging.getLogger(__name__)
 
 
 def purge_expired(
-    records: FileRecordStore, store: ArtifactStore, days: float, at: datetime | None = None
+    records: RecordStore, store: ArtifactStore, days: float, at: datetime | None = None
 ) -> int:
     """Delete the artifacts of jobs finished more than `days` ago; how many jobs were purged."""
     cutoff = (at or now()) - timedelta(days=days)
     purged = 0
-    for record in records.iter_all():
-        if not record.state.final or record.artifacts_deleted_at is not None:
-            continue
-        if record.finished_at is None or record.finished_at > cutoff:
-            continue
+    for record in records.expired(cutoff):  # an indexed query: final, old, files still there
         with records.locked(record.id):
             store.delete_job(record.id)
 

@@ -61,6 +61,12 @@ class JobSummary(BaseModel):
     channels_pruned: int
     parameters_before: int
     parameters_after: int
+    conclusion: str | None = Field(
+        None, description="The verdict: no-signature, removed or may-remain (report.verdict)."
+    )
+    suspect: int | None = Field(
+        None, description="The class the detector suspected in the delivered model, if any."
+    )
 
 
 class JobResource(BaseModel):

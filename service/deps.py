@@ -1,7 +1,9 @@
 """Dependencies injected into routes: settings, stores, the queue, and the caller's identity.
 
 Everything lives on `app.state`, put there by `create_app`, so tests and alternative deployments
-swap an implementation by passing it to the factory instead of patching modules.
+swap an implementation by passing it to the factory instead of patching modules. None of them
+does blocking I/O, so all are `async`: FastAPI runs a sync dependency in the threadpool, a hop
+per dependency per request.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from jobs.queue import JobQueue
-from jobs.records import FileRecordStore
+from jobs.records import RecordStore
 from jobs.settings import Settings
 from jobs.storage import ArtifactStore
 from service.errors import ApiError
@@ -27,25 +29,25 @@ bearer = HTTPBearer(
 )
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-def get_records(request: Request) -> FileRecordStore:
+async def get_records(request: Request) -> RecordStore:
     return request.app.state.records
 
 
-def get_queue(request: Request) -> JobQueue:
+async def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
-RecordsDep = Annotated[FileRecordStore, Depends(get_records)]
+RecordsDep = Annotated[RecordStore, Depends(get_records)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 
 
@@ -54,7 +56,7 @@ def owner_of_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def get_owner(
+async def get_owner(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> str:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.queue import JobQueue
-from jobs.records import FileRecordStore
+from jobs.records import RecordStore, open_records
 from jobs.settings import Settings, get_settings
 from jobs.storage import ArtifactStore, LocalArtifactStore
 from service.errors import install_error_handlers
@@ -50,17 +52,49 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _remember_route(request: Request) -> None:
-    """Note the matched route's template for the request counter (bounded label values)."""
-    route = request.scope.get("route")
-    request.state.route_template = getattr(route, "path", "unmatched")
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+class CountAndHarden:
+    """Counts requests by route template and status; adds `X-Content-Type-Options: nosniff`.
+
+    Plain ASGI rather than `@app.middleware("http")`, whose wrapper runs every response
+    through an extra task and memory stream. The route's template (bounded label values, not
+    raw paths) is in the scope once the router has matched it.
+    """
+
+    def __init__(self, app: ASGIApp, requests_total: Counter) -> None:
+        self.app = app
+        self.requests_total = requests_total
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_hardened(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == _NOSNIFF[0] for name, _ in headers):
+                    headers.append(_NOSNIFF)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_hardened)
+        finally:
+            template = getattr(scope.get("route"), "path", "unmatched")
+            self.requests_total.labels(scope["method"], template, str(status)).inc()
 
 
 def create_app(
     settings: Settings | None = None,
     *,
     store: ArtifactStore | None = None,
-    records: FileRecordStore | None = None,
+    records: RecordStore | None = None,
     queue: JobQueue | None = None,
 ) -> FastAPI:
     """Build the API; pass implementations to replace the local store, records or queue."""
@@ -81,7 +115,6 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
-        dependencies=[Depends(_remember_route)],
         openapi_tags=[
             {"name": "jobs", "description": "Sanitize jobs: submit, poll, download, cancel."},
             {"name": "health", "description": "Probes and metrics."},
@@ -89,21 +122,11 @@ def create_app(
     )
     app.state.settings = settings
     app.state.store = store or LocalArtifactStore(settings.jobs_dir)
-    app.state.records = records or FileRecordStore(settings.state_dir)
+    app.state.records = records or open_records(settings)
     app.state.queue = queue or JobQueue(settings)
     app.state.registry, requests_total = build_registry(app.state.records, app.state.queue)
 
-    @app.middleware("http")
-    async def count_and_harden(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request.state.route_template = "unmatched"  # the route's dependency overwrites it
-        response = await call_next(request)
-        template = request.state.route_template
-        requests_total.labels(request.method, template, str(response.status_code)).inc()
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
-
+    app.add_middleware(CountAndHarden, requests_total=requests_total)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)

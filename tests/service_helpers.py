@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,10 @@ from workers.command import worker_argv
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `jobs/` is importable from the checkout even if not installed
     sys.path.insert(0, str(ROOT))
+# The machine's PostgreSQL (trust auth, database `test`); each user takes a schema of its own.
+POSTGRES_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 API_KEY = "test-key-a"
 OTHER_KEY = "test-key-b"
 CALLBACK_SECRET = "test-callback-secret"
@@ -58,6 +63,32 @@ def owned_redis_db(url: str) -> Iterator[None]:
     finally:
         client.flushdb()
         client.close()
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A PostgreSQL schema of one's own, dropped afterwards; the URL that uses it.
+
+    Tests that run at the same time (two modules, two developers) never see each other's
+    tables. Skips when no PostgreSQL answers.
+    """
+    import pytest
+    import sqlalchemy
+
+    name = f"fineprune_test_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(POSTGRES_URL)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{name}"'))
+    except sqlalchemy.exc.OperationalError as exc:
+        engine.dispose()
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {str(exc).splitlines()[0]}")
+    try:
+        yield f"{POSTGRES_URL}?options=-csearch_path%3D{name}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{name}" CASCADE'))
+        engine.dispose()
 
 
 def free_port() -> int:
@@ -237,8 +268,21 @@ def final(body: dict[str, Any]) -> bool:
     return body["state"] in ("succeeded", "failed", "cancelled")
 
 
-def read_record(artifacts: Path, job_id: str) -> dict[str, Any]:
-    return json.loads((artifacts / "state" / "records" / f"{job_id}.json").read_text())
+def read_record(artifacts: Path, job_id: str, database_url: str | None = None) -> dict[str, Any]:
+    """A job's record as the service stored it: in `database_url`, else the artifacts' SQLite."""
+    import sqlalchemy
+
+    url = database_url or f"sqlite:///{artifacts / 'state' / 'jobs.sqlite'}"
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            raw = conn.execute(
+                sqlalchemy.text("SELECT record FROM fineprune_jobs WHERE id = :id"), {"id": job_id}
+            ).scalar()
+    finally:
+        engine.dispose()
+    assert raw is not None, f"no record of job {job_id}"
+    return json.loads(raw)
 
 
 def loaded_libraries(pid: int) -> str:

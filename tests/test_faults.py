@@ -456,7 +456,7 @@ def test_expired_jobs_lose_their_files_and_answer_410(stack: Stack) -> None:
 def test_results_are_published_all_or_none(tmp_path: Path) -> None:
     """A store that fails on the second result leaves neither it nor the first behind."""
     from jobs import lifecycle
-    from jobs.records import FileRecordStore, JobRecord, new_job_id, now
+    from jobs.records import JobRecord, RecordStore, new_job_id, now
     from jobs.storage import LocalArtifactStore, StorageError
     from schemas.jobs import JobState, JobSummary
     from schemas.options import SanitizeOptions
@@ -467,7 +467,7 @@ def test_results_are_published_all_or_none(tmp_path: Path) -> None:
                 raise StorageError(name, OSError(28, "No space left on device"))
             return super().put_file(job_id, name, path)
 
-    records, store = FileRecordStore(tmp_path / "state"), FailsOnReport(tmp_path / "jobs")
+    records, store = RecordStore.sqlite(tmp_path / "state"), FailsOnReport(tmp_path / "jobs")
     job_id = new_job_id()
     records.insert(
         JobRecord(

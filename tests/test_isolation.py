@@ -2,8 +2,10 @@
 
 Unit tests drive the supervisor from this process, as the Celery pool child does; faults are
 test hooks passed by the caller (in the service: the worker's own settings, never a job's
-inputs). The end-to-end test runs an API and a worker on Redis DB 10 and makes the first
-job's process die. Each run of the child imports TensorFlow afresh: about 5-15 s on two cores.
+inputs). A warm slot's process is checked to be the same isolated process, only started
+earlier. The end-to-end test runs an API and a worker on Redis DB 10, makes the first job's
+process die, and finds the next jobs run by the processes the worker started ahead. Each
+child imports TensorFlow afresh: about 5-15 s on two cores.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from fineprune.errors import CancelledError, FinePruneError, InvalidDataError
 from schemas.options import SanitizeOptions
 from schemas.report import SanitizeReport
 from workers import isolation
-from workers.isolation import IsolationFailure, Limits, sanitize_isolated
+from workers.isolation import IsolationFailure, Launch, Limits, Slot, sanitize_isolated
 
 GiB, MiB = 1024**3, 1024**2
 FAST = SanitizeOptions(epochs=2)
@@ -208,7 +210,94 @@ def test_success_returns_the_report_and_model_and_the_child_saw_no_secrets(
     assert probe["rlimit_data"] == [2 * GiB, 2 * GiB]
     assert probe["rlimit_cpu"][0] == 600 and probe["rlimit_cpu"][1] > 600
     assert probe["own_session"] is True
-    assert probe["modules_at_start"] == []
+    assert probe["warm"] is False  # no slot: started for this job
+    assert opened_before_the_job(probe, scratch) == []
+
+
+def opened_before_the_job(probe: dict[str, Any], scratch: Path) -> list[str]:
+    """Files of the scratch dir the child held open when its job arrived (its log aside)."""
+    return [
+        path
+        for path in probe["open_files_at_go"]
+        if path.startswith(str(scratch)) and Path(path).name != isolation.LOG_NAME
+    ]
+
+
+def test_a_warm_process_runs_one_job_and_is_replaced(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    work_root = tmp_path / "work"
+    launch = Launch(Limits(2 * GiB, 600), threads=1)
+    slot = Slot(work_root, launch)
+    try:
+        slot.refill()
+        first = slot.spare
+        assert first is not None
+        deadline = time.monotonic() + 120
+        while "tensorflow" not in loaded_libraries(first.pid):  # imported before any job
+            assert time.monotonic() < deadline and first.alive(), first.scratch
+            time.sleep(0.3)
+        assert list((first.scratch / "in").iterdir()) == []  # and nothing of a job is there
+        watch = Watch(work_root)
+        inputs = {"model": files["model"], "data": files["clean"]}
+        with sanitize_isolated(
+            inputs,
+            FAST,
+            work_root=work_root,
+            limits=launch.limits,
+            threads=launch.threads,
+            slot=slot,
+            progress=watch.progress,
+            should_cancel=watch.should_cancel,
+            label="job1",
+            test_hook="probe",
+        ) as outcome:
+            assert outcome.out_dir.parent == first.scratch
+            assert (outcome.out_dir / "sanitized.keras").is_file()
+        probe = watch.probe
+        assert probe is not None
+        assert probe["warm"] is True and probe["pid"] == first.pid
+        assert probe["intra_op_threads"] == 1
+        assert probe["modules_at_go"] == ["keras", "tensorflow"]
+        assert opened_before_the_job(probe, first.scratch) == []
+        assert not set(probe["environ"]) & set(SECRETS)
+        assert probe["cwd"] == probe["home"] == str(first.scratch)
+        assert probe["rlimit_data"] == [2 * GiB, 2 * GiB] and probe["own_session"] is True
+        assert watch.stages == ["load", "profile", "cut", "fine-tune", "report"]
+
+        # It ran one job: it is gone, its folder too, and a new one waits for the next.
+        assert gone(first.pid) and not first.scratch.exists()
+        second = slot.spare
+        assert second is not None and second.pid != first.pid and second.alive()
+        assert [p.name for p in work_root.iterdir()] == [second.scratch.name]
+
+        # A job with other limits is not given it: a process of its own runs that job (its
+        # CPU limit is too small to import TensorFlow), the spare goes, and a new one waits.
+        with pytest.raises(IsolationFailure) as failure:  # noqa: SIM117
+            with sanitize_isolated(
+                inputs,
+                FAST,
+                work_root=work_root,
+                limits=Limits(2 * GiB, 2),
+                slot=slot,
+                progress=watch.progress,
+                should_cancel=watch.should_cancel,
+                label="job2",
+            ):
+                pass
+        assert failure.value.kind == "timeout"
+        assert gone(second.pid)
+        third = slot.spare
+        assert third is not None and third.pid != second.pid
+
+        # A lost worker's leftovers are found by the job's label, warm folder or not.
+        third.label("job9")
+        isolation.remove_scratch(work_root, "job9")
+        assert not third.scratch.exists()
+    finally:
+        slot.close()
 
 
 def test_engine_errors_arrive_with_their_kind_and_message(
@@ -384,6 +473,31 @@ def pool_children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def wait_warm(pool_child: int, timeout: float = 120.0) -> int:
+    """The pid of the pool child's waiting job process, once it has TensorFlow loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in pool_children(pool_child):
+            with contextlib.suppress(OSError):
+                if "tensorflow" in loaded_libraries(pid):
+                    return pid
+        time.sleep(0.3)
+    raise AssertionError(f"pool child {pool_child} has no warm job process")
+
+
+def wait_probe(work_root: Path, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The probe the job's process wrote (its folder carries the job's label)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for folder in work_root.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                if (folder / isolation.LABEL_NAME).read_text() == job_id:
+                    time.sleep(0.5)  # the probe is written whole right after
+                    return json.loads((folder / "out" / isolation.PROBE_NAME).read_text())
+        time.sleep(0.2)
+    raise AssertionError(f"no probe of job {job_id}")
+
+
 def test_a_job_whose_process_dies_fails_and_the_next_succeeds(
     redis_db10: None, files: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -397,6 +511,7 @@ def test_a_job_whose_process_dies_fails_and_the_next_succeeds(
         visibility_timeout=360,
         progress_interval=0.2,
         test_hook_file=hook_file,
+        worker_concurrency=1,
     )
     port = free_port()
     api = start_api(env, port, tmp_path / "api.log")
@@ -429,13 +544,35 @@ def test_a_job_whose_process_dies_fails_and_the_next_succeeds(
             assert body["progress"] == {"stage": "report", "percent": 100.0}
             assert client.get(f"/v1/jobs/{ok_id}/model").status_code == 200
 
-        # The same worker ran both; neither its main process nor its pool child loaded TF.
+            # The next job runs in the process the pool child started ahead of it.
+            children = pool_children(worker.popen.pid)
+            spare = wait_warm(children[0])
+            hook_file.write_text("probe")
+            long = client.post(
+                "/v1/jobs",
+                files=multipart_files({"model": files["pooled"], "data": files["clean"]}),
+                data={"options": json.dumps({"epochs": 400})},
+            )
+            long_id = long.json()["id"]
+            probe = wait_probe(artifacts / "state" / "work", long_id)
+            assert probe["warm"] is True and probe["pid"] == spare
+            assert probe["intra_op_threads"] == max(1, len(os.sched_getaffinity(0)))  # 1 slot
+            assert client.delete(f"/v1/jobs/{long_id}").status_code == 202
+            body = poll_job(client, long_id, final, timeout=60, interval=0.5)
+            assert body["state"] == "cancelled", body
+            hook_file.unlink()
+
+        # The same worker ran them all; neither its main process nor its pool child loaded TF,
+        # and what is left of the work folder is the next job's waiting process.
         assert worker.popen.poll() is None
         children = pool_children(worker.popen.pid)
         assert children
         for pid in [worker.popen.pid, *children]:
             assert "tensorflow" not in loaded_libraries(pid)
-        assert list((artifacts / "state" / "work").iterdir()) == []
+        spare = wait_warm(children[0])
+        assert spare != probe["pid"]
+        left = [p.name for p in (artifacts / "state" / "work").iterdir()]
+        assert len(left) == 1 and left[0].startswith(f"{isolation.SPARE_PREFIX}-{children[0]}-")
     finally:
         worker.stop()
         api.stop()

@@ -1,9 +1,10 @@
-"""The REST service end to end, against real parts: Redis, uvicorn, Celery prefork workers.
+"""The REST service end to end, against real parts: Redis, PostgreSQL, uvicorn, Celery workers.
 
-One API and one worker serve the module (Redis DB 9, flushed before and after); the
-worker-loss test kills that worker's whole process group mid-job and starts another; the
-embedded-mode test runs its own API and worker on the SQLite broker. Models are tiny and
-jobs run two epochs, so the whole module stays within a few minutes on two cores.
+One API and one worker serve the module (Redis DB 9, flushed before and after; records in a
+PostgreSQL schema of the module's own); the worker-loss test kills that worker's whole process
+group mid-job and starts another; the embedded-mode tests run their own API and worker on the
+SQLite broker and SQLite records. The record store's units run on both databases. Models are
+tiny and jobs run two epochs, so the whole module stays within a few minutes on two cores.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +40,7 @@ from service_helpers import (
     multipart_files,
     owned_redis_db,
     poll_job,
+    postgres_schema,
     raw_request,
     read_record,
     service_env,
@@ -50,7 +53,16 @@ from service_helpers import (
 
 from jobs import lifecycle
 from jobs.callbacks import verify
-from jobs.records import FileRecordStore, JobRecord, now
+from jobs.database import create_schema, make_engine
+from jobs.migration import import_file_records
+from jobs.records import (
+    IdempotencyEntry,
+    JobRecord,
+    RecordStore,
+    now,
+    open_records,
+    to_resource,
+)
 from jobs.recovery import recover_lost_jobs
 from jobs.retention import purge_expired
 from jobs.settings import Settings
@@ -118,7 +130,11 @@ class Stack:
     logs: Path
     api: Proc
     worker: Proc
+    database_url: str
     spare: list[Proc] = field(default_factory=list)
+
+    def record(self, job_id: str) -> dict[str, Any]:
+        return read_record(self.artifacts, job_id, self.database_url)
 
     def client(self, key: str | None = API_KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -149,7 +165,13 @@ def redis_db() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def stack(redis_db: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def pg_url() -> Iterator[str]:
+    with postgres_schema() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def stack(redis_db: None, pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("service-redis")
     artifacts, logs = root / "artifacts", root / "logs"
     logs.mkdir()
@@ -159,12 +181,14 @@ def stack(redis_db: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         api_keys=f"{API_KEY},{OTHER_KEY}",
         callback_secret=CALLBACK_SECRET,
         callback_allow_private="true",
+        database_url=pg_url,
+        mlflow_tracking_uri=(root / "mlruns").as_uri(),
         **LIMITS,
     )
     port = free_port()
     api = start_api(env, port, logs / "api.log")
     worker = start_worker(env, logs / "worker-1.log", "worker1")
-    running = Stack(f"http://127.0.0.1:{port}", port, artifacts, env, logs, api, worker)
+    running = Stack(f"http://127.0.0.1:{port}", port, artifacts, env, logs, api, worker, pg_url)
     try:
         wait_api(running.base_url, api)
         wait_worker(worker)
@@ -202,6 +226,28 @@ def done_job(stack: Stack, files: dict[str, Path]) -> DoneJob:
 
 
 # --------------------------------------------------------------------------- the happy path
+
+
+def test_a_finished_job_carries_its_verdict_and_is_logged_to_mlflow(
+    stack: Stack, done_job: DoneJob
+) -> None:
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    with stack.client() as client:
+        job = client.get(f"/v1/jobs/{done_job.id}").json()
+        report = client.get(f"/v1/jobs/{done_job.id}/report").json()
+    summary = job["summary"]
+    assert summary["conclusion"] == report["verdict"]["conclusion"]
+    assert summary["suspect"] == report["verdict"]["before"]["suspect"] == 0
+    uri = stack.env["FINEPRUNE_MLFLOW_TRACKING_URI"]
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    tracking = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = tracking.get_experiment_by_name("fineprune")
+    runs = tracking.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.runName = '{done_job.id}'"
+    )
+    assert len(runs) == 1
+    assert runs[0].data.params["verdict"] == summary["conclusion"]
+    assert {a.path for a in tracking.list_artifacts(runs[0].info.run_id)} >= {"report.json"}
 
 
 def test_api_and_worker_main_process_never_import_tensorflow(tmp_path: Path) -> None:
@@ -291,7 +337,7 @@ def test_callback_is_signed_and_retried(stack: Stack, done_job: DoneJob) -> None
     assert not verify("another secret", body, headers["X-Fineprune-Signature"])
     sent = json.loads(body)
     assert sent["id"] == done_job.id and sent["state"] == "succeeded"
-    record = read_record(stack.artifacts, done_job.id)
+    record = stack.record(done_job.id)
     assert record["callback"]["attempts"] == 2 and record["callback"]["delivered_at"]
 
 
@@ -437,7 +483,7 @@ def test_cancel_a_running_job(stack: Stack, files: dict[str, Path]) -> None:
         # Deleting again is harmless.
         assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
     assert job_id not in stack.job_dirs()
-    record = read_record(stack.artifacts, job_id)
+    record = stack.record(job_id)
     assert [e["state"] for e in record["events"]] == ["queued", "running", "cancelled"]
 
 
@@ -466,7 +512,7 @@ def test_job_survives_its_worker_being_killed(stack: Stack, files: dict[str, Pat
         assert body["state"] == "succeeded", (body, replacement.tail())
         assert body["attempts"] == 2
 
-        record = read_record(stack.artifacts, job_id)
+        record = stack.record(job_id)
         states = [(e["state"], e["attempt"]) for e in record["events"]]
         assert states == [("queued", 0), ("running", 1), ("running", 2), ("succeeded", 2)]
 
@@ -563,11 +609,31 @@ def _read(artifacts: Path, job_id: str) -> JobRecord:
 # --------------------------------------------------------------------------- in-process units
 
 
-def _record(store: FileRecordStore, state: JobState = JobState.queued) -> JobRecord:
-    created = now()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def records(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RecordStore]:
+    """The record store on each database the service supports."""
+    if request.param == "sqlite":
+        store = RecordStore.sqlite(tmp_path / "state")
+        yield store
+        store.engine.dispose()
+        return
+    with postgres_schema() as url:
+        engine = make_engine(url)
+        create_schema(engine)
+        yield RecordStore(engine)
+        engine.dispose()
+
+
+def _record(
+    store: RecordStore,
+    state: JobState = JobState.queued,
+    owner: str = "open",
+    created: datetime | None = None,
+) -> JobRecord:
+    created = created or now()
     record = JobRecord(
         id=os.urandom(16).hex(),
-        owner="open",
+        owner=owner,
         created_at=created,
         updated_at=created,
         options=SanitizeOptions(),
@@ -579,8 +645,8 @@ def _record(store: FileRecordStore, state: JobState = JobState.queued) -> JobRec
     return record
 
 
-def test_a_job_that_keeps_killing_workers_is_failed(tmp_path: Path) -> None:
-    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+def test_a_job_that_keeps_killing_workers_is_failed(records: RecordStore, tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "jobs")
     job = _record(records)
     for attempt in (1, 2, 3):
         started = lifecycle.begin_attempt(records, store, job.id, max_attempts=3)
@@ -594,8 +660,10 @@ def test_a_job_that_keeps_killing_workers_is_failed(tmp_path: Path) -> None:
     assert lifecycle.begin_attempt(records, store, job.id, max_attempts=9) is None
 
 
-def test_a_live_job_is_not_started_twice_and_a_dead_one_is(tmp_path: Path) -> None:
-    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+def test_a_live_job_is_not_started_twice_and_a_dead_one_is(
+    records: RecordStore, tmp_path: Path
+) -> None:
+    store = LocalArtifactStore(tmp_path / "jobs")
     job = _record(records)
     assert lifecycle.begin_attempt(records, store, job.id, 3, stale_after=60) is not None
     with pytest.raises(lifecycle.StillRunning) as busy:
@@ -606,7 +674,7 @@ def test_a_live_job_is_not_started_twice_and_a_dead_one_is(tmp_path: Path) -> No
     assert again is not None and again.attempts == 2
 
 
-def _age_heartbeat(records: FileRecordStore, job_id: str, seconds: float) -> None:
+def _age_heartbeat(records: RecordStore, job_id: str, seconds: float) -> None:
     def age(r: JobRecord) -> bool:
         r.heartbeat_at = now() - timedelta(seconds=seconds)
         return True
@@ -614,8 +682,10 @@ def _age_heartbeat(records: FileRecordStore, job_id: str, seconds: float) -> Non
     records.update(job_id, age)
 
 
-def test_recovery_sends_lost_jobs_once_and_leaves_live_ones(tmp_path: Path) -> None:
-    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+def test_recovery_sends_lost_jobs_once_and_leaves_live_ones(
+    records: RecordStore, tmp_path: Path
+) -> None:
+    store = LocalArtifactStore(tmp_path / "jobs")
     unsent = _record(records)  # the API stopped between the record and the message
     sent = _record(records)
     records.update(sent.id, lambda r: setattr(r, "sent_at", now()) or True)
@@ -649,8 +719,8 @@ def test_recovery_sends_lost_jobs_once_and_leaves_live_ones(tmp_path: Path) -> N
     assert sweep(now() + timedelta(seconds=400)) == sorted([dead.id, live.id])
 
 
-def test_cancel_wins_over_late_worker_writes(tmp_path: Path) -> None:
-    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+def test_cancel_wins_over_late_worker_writes(records: RecordStore, tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "jobs")
     job = _record(records)
     assert lifecycle.begin_attempt(records, store, job.id, max_attempts=3) is not None
     record, done = lifecycle.request_cancel(records, store, job.id)
@@ -662,8 +732,8 @@ def test_cancel_wins_over_late_worker_writes(tmp_path: Path) -> None:
     assert after is not None and after.state == JobState.cancelled and after.error is None
 
 
-def test_retention_deletes_old_artifacts(tmp_path: Path) -> None:
-    records, store = FileRecordStore(tmp_path / "state"), LocalArtifactStore(tmp_path / "jobs")
+def test_retention_deletes_old_artifacts(records: RecordStore, tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "jobs")
     job = _record(records, JobState.succeeded)
     store.write(job.id, "report.json", [b"{}"])
     records.update(job.id, lambda r: setattr(r, "finished_at", now()) or True)
@@ -673,6 +743,154 @@ def test_retention_deletes_old_artifacts(tmp_path: Path) -> None:
     assert not store.exists(job.id, "report.json")
     kept = records.get(job.id)
     assert kept is not None and kept.artifacts_deleted_at is not None
+
+
+def test_listing_pages_newest_first_and_only_the_owners(records: RecordStore) -> None:
+    mine, theirs = "a" * 64, "b" * 64
+    start = now() - timedelta(hours=1)
+    ids = [_record(records, owner=mine, created=start + timedelta(seconds=i)).id for i in range(25)]
+    _record(records, owner=theirs)
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    while True:
+        items, cursor = records.list_owner(mine, cursor, 10)
+        pages.append([r.id for r in items])
+        if cursor is None:
+            break
+    assert [len(page) for page in pages] == [10, 10, 5]
+    assert [i for page in pages for i in page] == ids[::-1]  # newest first, once, none of theirs
+    assert records.list_owner(theirs, None, 10)[0][0].owner == theirs
+    with pytest.raises(ValueError):
+        records.list_owner(mine, "not-a-cursor", 10)
+
+
+def test_state_counts_stage_histogram_and_expiry_come_from_queries(records: RecordStore) -> None:
+    queued, running, done = _record(records), _record(records), _record(records)
+    records.update(running.id, lambda r: r.transition(JobState.running) or True)
+
+    def succeed(r: JobRecord) -> bool:
+        r.timings = {"profile": 0.3, "fine-tune": 7.0}
+        r.transition(JobState.succeeded)
+        return True
+
+    records.update(done.id, succeed)
+    counts = records.count_by_state()
+    assert counts == {JobState.queued: 1, JobState.running: 1, JobState.succeeded: 1}
+    histogram = records.stage_histogram((0.5, 5.0, 60.0))
+    assert histogram["profile"] == ([1, 1, 1], 1, 0.3)
+    assert histogram["fine-tune"] == ([0, 0, 1], 1, 7.0)
+    assert {r.id for r in records.in_states([JobState.queued, JobState.running])} == {
+        queued.id,
+        running.id,
+    }
+    assert [r.id for r in records.expired(now() + timedelta(days=1))] == [done.id]
+    assert records.expired(now() - timedelta(days=1)) == []
+
+
+def test_concurrent_updates_lose_no_write(records: RecordStore) -> None:
+    job = _record(records)
+
+    def bump(r: JobRecord) -> bool:
+        r.attempts += 1
+        return True
+
+    def hammer() -> None:
+        for _ in range(25):
+            records.update(job.id, bump)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = records.get(job.id)
+    assert after is not None and after.attempts == 100
+
+
+def test_idempotency_keys_bind_once_per_owner(records: RecordStore) -> None:
+    first, second = _record(records), _record(records)
+    assert records.claim_idempotent("open", "k" * 64, IdempotencyEntry(first.id, "p1")) is None
+    winner = records.claim_idempotent("open", "k" * 64, IdempotencyEntry(second.id, "p2"))
+    assert winner == IdempotencyEntry(first.id, "p1")
+    assert records.find_idempotent("open", "k" * 64) == winner
+    assert records.find_idempotent("c" * 64, "k" * 64) is None  # another owner's key
+    records.remove(first)  # the key now points at nothing: the next claim takes it
+    assert records.find_idempotent("open", "k" * 64) is None
+    assert records.claim_idempotent("open", "k" * 64, IdempotencyEntry(second.id, "p2")) is None
+
+
+def test_json_records_of_an_older_artifacts_dir_are_imported_once(tmp_path: Path) -> None:
+    state = tmp_path / "artifacts" / "state"
+    old = [_legacy_record(state), _legacy_record(state)]
+    (state / "cancel").mkdir(parents=True)
+    (state / "cancel" / old[1].id).touch()
+    idem = state / "idempotency" / "open" / f"{'k' * 64}.json"
+    idem.parent.mkdir(parents=True)
+    idem.write_text(json.dumps({"job_id": old[0].id, "payload_hash": "p"}))
+    (state / "records" / "garbage.json").write_text("{")
+
+    records = open_records(Settings(artifacts_dir=tmp_path / "artifacts"))
+    for record in old:
+        stored = records.get(record.id)
+        assert stored is not None and stored.model_dump() == record.model_dump()
+    assert records.cancel_requested(old[1].id) and not records.cancel_requested(old[0].id)
+    assert records.find_idempotent("open", "k" * 64) == IdempotencyEntry(old[0].id, "p")
+    assert [r.id for r in records.list_owner("open", None, 10)[0]] == [old[1].id, old[0].id]
+    assert not (state / "records").exists() and (state / "records.imported").is_dir()
+    assert import_file_records(records, state) == 0  # nothing left to import
+
+
+def _legacy_record(state: Path) -> JobRecord:
+    """A record file as the file store wrote it."""
+    created = now() - timedelta(minutes=1) + timedelta(microseconds=len(list(state.glob("*/*"))))
+    record = JobRecord(
+        id=os.urandom(16).hex(),
+        owner="open",
+        created_at=created,
+        updated_at=created,
+        options=SanitizeOptions(epochs=3),
+        queue="fineprune",
+        payload_hash="x",
+    )
+    record.transition(JobState.queued)
+    (state / "records").mkdir(parents=True, exist_ok=True)
+    (state / "records" / f"{record.id}.json").write_text(record.model_dump_json())
+    return record
+
+
+def test_the_resource_built_without_validation_is_the_validated_one(
+    records: RecordStore,
+) -> None:
+    job = _record(records)
+    records.update(job.id, lambda r: r.transition(JobState.running) or True)
+    record = records.get(job.id)
+    assert record is not None
+    built = to_resource(record).model_dump_json()
+    assert JobResource.model_validate_json(built).model_dump_json() == built
+
+
+def test_middleware_counts_routes_and_metrics_cache_the_snapshot(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    settings = Settings(artifacts_dir=tmp_path / "artifacts")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        health = client.get("/healthz")
+        assert health.headers["x-content-type-options"] == "nosniff"
+        missing = client.get("/nowhere")
+        assert missing.status_code == 404 and missing.headers["x-content-type-options"]
+        first = client.get("/metrics").text
+        assert 'fineprune_http_requests_total{method="GET",route="/healthz",status="200"}' in first
+        assert 'route="unmatched",status="404"' in first
+        assert 'fineprune_jobs{state="queued"} 0.0' in first
+        assert "fineprune_queue_depth 0.0" in first
+        _record(app.state.records)
+        assert 'fineprune_jobs{state="queued"} 0.0' in client.get("/metrics").text  # cached
+        collector = next(iter(app.state.registry._collector_to_names))
+        collector._ttl = 0.0
+        assert 'fineprune_jobs{state="queued"} 1.0' in client.get("/metrics").text
 
 
 def test_settings_refuse_a_visibility_timeout_below_the_time_limit() -> None:

@@ -17,8 +17,21 @@ from jobs.settings import get_settings
 
 settings = get_settings()
 app = make_celery(settings, name="fineprune", include=["workers.tasks"])
+# The pool's size, unless `--concurrency` says otherwise: what fits the machine by default.
+app.conf.worker_concurrency = settings.concurrency
+_pool_size: int | None = None
+
+
+def pool_size() -> int:
+    """Slots of this worker: its `--concurrency` as started, else the settings' default."""
+    return _pool_size or settings.concurrency
 
 
 @worker_init.connect
-def _prepare_broker(**_: Any) -> None:
+def _prepare_broker(sender: Any = None, **_: Any) -> None:
+    """In the main process, before the pool forks: the broker's queues, the pool's size."""
+    global _pool_size
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int) and concurrency > 0:
+        _pool_size = concurrency
     prepare_embedded_broker(app, [settings.cpu_queue, settings.gpu_queue])

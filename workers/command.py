@@ -6,7 +6,9 @@ import sys
 
 
 def worker_argv(queue: str, *extra: str) -> list[str]:
-    """A prefork worker with one child: the engine uses every core of its own accord."""
+    """A prefork worker sized by the settings (`FINEPRUNE_WORKER_CONCURRENCY`; by default what
+    fits the machine), each job's TensorFlow on cores / slots threads; `--concurrency N` in
+    `extra` overrides the size."""
     return [
         sys.executable,
         "-m",
@@ -16,8 +18,6 @@ def worker_argv(queue: str, *extra: str) -> list[str]:
         "worker",
         "--pool",
         "prefork",
-        "--concurrency",
-        "1",
         "--queues",
         queue,
         *extra,

@@ -1,7 +1,7 @@
 """Run the engine on an uploaded model in a process of its own, supervised by the task.
 
 Everything that touches an untrusted model (config checks, Keras loading, TensorFlow itself)
-runs in a fresh interpreter started for one job (`python -P -m workers.isolation`), so that:
+runs in a fresh interpreter that runs one job (`python -P -m workers.isolation`), so that:
 
 - a crash, a runaway allocation or an endless computation kills that process, not the Celery
   pool child, and the job fails with a readable reason instead of costing a redelivery;
@@ -17,6 +17,14 @@ below about 0.5 GiB of RLIMIT_DATA.
 The parent does all I/O: it copies the inputs into the scratch directory, the child writes its
 outputs there and reports progress and its result as JSON lines on a pipe, and the parent
 publishes them. Cancelling kills the child; nothing it wrote is kept.
+
+Warm processes: importing TensorFlow takes 3-5 s, so each worker slot keeps one child started
+ahead (`Slot`): limits set, TensorFlow imported and its thread pools sized, then waiting on
+its stdin, its scratch directory still empty. A job takes it (its inputs are copied in, then
+one line on stdin says go), and a new one is started for the next job as soon as it ends.
+The child is the same program either way, with the same environment, limits and directory:
+only when it was started differs. It has opened nothing of any job before its own arrives,
+and it never runs a second one.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from fineprune.errors import CancelledError, FinePruneError
+from fineprune.load.inspection.isolated import inspect_bounded
+from fineprune.load.inspection.limits import Limits as InspectionLimits
 from fineprune.text import readable_bytes
 from jobs.lifecycle import OUTPUT_NAMES, STAGE_WEIGHTS
 from schemas.options import SanitizeOptions
@@ -60,6 +70,8 @@ TEST_HOOKS = ("sigkill", "segfault", "exit", "probe")
 SPEC_NAME = "job.json"
 LOG_NAME = "child.log"
 PROBE_NAME = "probe.json"
+LABEL_NAME = "label"
+SPARE_PREFIX = "spare"
 _ROOT = Path(__file__).resolve().parents[1]
 _CPU_GRACE_S = 5  # between SIGXCPU (soft limit) and SIGKILL (hard limit)
 _MAX_LINE = 64 * MiB  # the report is the largest message, well below this
@@ -68,7 +80,7 @@ _LABEL = re.compile(r"[A-Za-z0-9_]{1,64}")
 _KIND = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 _OUT_OF_MEMORY = re.compile(
     r"MemoryError|bad_alloc|cannot allocate memory|out of memory|failed to map segment"
-    r"|pthread_create|OOM when allocating|ResourceExhausted",
+    r"|pthread_create|OOM when allocating|ResourceExhausted|Memory allocation still failed",
     re.IGNORECASE,
 )
 # What the child may inherit from the worker's environment; everything else is dropped.
@@ -108,6 +120,14 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """What a job's process is started with, before it knows which job it will run."""
+
+    limits: Limits = Limits()
+    threads: int = 0  # TensorFlow's intra- and inter-op threads; 0: its default (every core)
+
+
+@dataclass(frozen=True)
 class Outcome:
     """A finished run: the report, and the folder holding `OUTPUT_NAMES` until the scope ends."""
 
@@ -134,7 +154,7 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def child_environment(parent: Mapping[str, str], scratch: Path) -> dict[str, str]:
+def child_environment(parent: Mapping[str, str], scratch: Path, threads: int = 0) -> dict[str, str]:
     """The child's environment: allowlisted names only, home and temp in the scratch dir."""
     env = {
         name: value
@@ -154,15 +174,168 @@ def child_environment(parent: Mapping[str, str], scratch: Path) -> dict[str, str
     env.setdefault("MPLBACKEND", "Agg")
     env["PYTHONNOUSERSITE"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
+    if threads > 0:  # oneDNN and OpenMP pools, which TensorFlow's own settings do not reach
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
 def remove_scratch(work_root: Path, label: str) -> None:
-    """Delete scratch folders left by a run of `label` whose worker died before cleaning up."""
+    """Delete scratch folders left by a run of `label` whose worker died before cleaning up.
+
+    A warm process's folder is named for its slot, not its job: the job's label is written
+    into it (`LABEL_NAME`) when the job takes it.
+    """
     if not _LABEL.fullmatch(label):
         raise ValueError(f"bad label {label!r}")
     for folder in work_root.glob(f"{label}-*"):
         shutil.rmtree(folder, ignore_errors=True)
+    for folder in work_root.glob(f"{SPARE_PREFIX}-*"):
+        with contextlib.suppress(OSError):
+            if (folder / LABEL_NAME).read_text() == label:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_spares(work_root: Path) -> None:
+    """Delete warm processes' folders whose slot (the pid in the name) no longer runs."""
+    for folder in work_root.glob(f"{SPARE_PREFIX}-*"):
+        match = re.fullmatch(rf"{SPARE_PREFIX}-(\d+)-.*", folder.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobProcess:
+    """A started child in its own scratch directory, waiting for the go line of its job."""
+
+    def __init__(self, work_root: Path, launch: Launch, prefix: str) -> None:
+        work_root.mkdir(parents=True, exist_ok=True)
+        self.launch = launch
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=work_root))
+        self.started = time.monotonic()
+        for folder in ("in", "out", "tmp"):
+            (self.scratch / folder).mkdir()
+        start = {
+            "memory_bytes": launch.limits.memory_bytes,
+            "cpu_seconds": launch.limits.cpu_seconds,
+            "threads": launch.threads,
+            "parent_pid": os.getpid(),
+        }
+        read_fd, write_fd = os.pipe()
+        try:
+            with (self.scratch / LOG_NAME).open("wb") as child_log:
+                self.proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-P",
+                        "-s",
+                        "-m",
+                        "workers.isolation",
+                        str(write_fd),
+                        json.dumps(start),
+                    ],
+                    cwd=self.scratch,
+                    env=child_environment(os.environ, self.scratch, launch.threads),
+                    stdin=subprocess.PIPE,
+                    stdout=child_log,
+                    stderr=child_log,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,  # its own process group: killed as a whole
+                )
+        except BaseException:
+            os.close(read_fd)
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            raise
+        finally:
+            os.close(write_fd)
+        self.read_fd = read_fd
+        self._closed = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return not _exited(self.proc)
+
+    def label(self, label: str) -> None:
+        """Name the job this process runs, for `remove_scratch` after a lost worker."""
+        (self.scratch / LABEL_NAME).write_text(label)
+
+    def go(self) -> None:
+        """The job's inputs and spec are in place: let the child read them."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):  # it died waiting: the supervisor says why
+            self.proc.stdin.write(b"go\n")
+            self.proc.stdin.flush()
+
+    def reap(self) -> float:
+        """Kill and reap the child (see `_reap`); its CPU seconds."""
+        return _reap(self.proc)
+
+    def close(self) -> None:
+        """Kill the child if it runs, close the pipe, delete the scratch directory."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.proc.returncode is None:
+            _reap(self.proc)
+        with contextlib.suppress(OSError):
+            os.close(self.read_fd)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class Slot:
+    """One worker slot's spare job process: started ahead, taken by one job, then replaced.
+
+    Only the thread that made the slot may use it: the kernel kills a child when the thread
+    that started it ends (PR_SET_PDEATHSIG), so spares are started by the slot's own thread.
+    """
+
+    def __init__(self, work_root: Path, launch: Launch) -> None:
+        self.work_root = work_root
+        self.launch = launch
+        self.spare: JobProcess | None = None
+        work_root.mkdir(parents=True, exist_ok=True)
+        remove_stale_spares(work_root)
+
+    def refill(self) -> None:
+        """Start the next job's process unless one is waiting already."""
+        if self.spare is not None and self.spare.alive():
+            return
+        if self.spare is not None:
+            log.warning(
+                "the warm job process %d died while waiting; starting another", self.spare.pid
+            )
+            self.spare.close()
+            self.spare = None
+        try:
+            self.spare = JobProcess(self.work_root, self.launch, f"{SPARE_PREFIX}-{os.getpid()}")
+        except OSError:
+            log.warning("could not start a warm job process", exc_info=True)
+
+    def take(self, launch: Launch) -> JobProcess | None:
+        """The waiting process, if it lives and was started for these limits; else None."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return None
+        if spare.launch != launch or not spare.alive():
+            spare.close()
+            return None
+        return spare
+
+    def close(self) -> None:
+        if self.spare is not None:
+            self.spare.close()
+            self.spare = None
 
 
 @contextlib.contextmanager
@@ -177,26 +350,39 @@ def sanitize_isolated(
     label: str = "job",
     test_hook: str | None = None,
     poll_interval: float = 0.25,
+    threads: int = 0,
+    slot: Slot | None = None,
 ) -> Iterator[Outcome]:
     """Sanitize in a child process; the outcome is valid until the `with` block ends.
 
     `inputs` maps roles (model, data, trigger_data, test_data) to files, which are copied
-    into the scratch dir. Raises `CancelledError` when `should_cancel` turns true (the child
-    is killed), the engine's `FinePruneError` with the child's kind and message, or
+    into the scratch dir. With a `slot`, its waiting process runs the job when it was started
+    with these limits and threads (else a process is started now), and the slot is refilled
+    as soon as this one ends. Raises `CancelledError` when `should_cancel` turns true (the
+    child is killed), the engine's `FinePruneError` with the child's kind and message, or
     `IsolationFailure`. The scratch dir is deleted on the way out, whatever happened.
     """
     if test_hook is not None and test_hook not in TEST_HOOKS:
         raise ValueError(f"unknown test hook {test_hook!r}")
     if not _LABEL.fullmatch(label):
         raise ValueError(f"bad label {label!r}")
-    work_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(
-        prefix=f"{label}-", dir=work_root, ignore_cleanup_errors=True
-    ) as tmp:
-        scratch = Path(tmp)
-        _prepare(scratch, inputs, options, limits, test_hook)
-        report = _Supervisor(scratch, limits, progress, should_cancel, poll_interval).run()
-        yield Outcome(report, scratch / "out")
+    launch = Launch(limits, threads)
+    child = slot.take(launch) if slot is not None else None
+    warm = child is not None
+    try:
+        if child is None:
+            child = JobProcess(work_root, launch, label)
+        child.label(label)
+        _prepare(child.scratch, inputs, options, test_hook, warm)
+        try:
+            report = _Supervisor(child, progress, should_cancel, poll_interval).run()
+        finally:
+            if slot is not None:
+                slot.refill()  # while this job's results are published
+        yield Outcome(report, child.scratch / "out")
+    finally:
+        if child is not None:
+            child.close()
 
 
 # --------------------------------------------------------------------------- the parent
@@ -206,12 +392,10 @@ def _prepare(
     scratch: Path,
     inputs: Mapping[str, Path],
     options: SanitizeOptions,
-    limits: Limits,
     test_hook: str | None,
+    warm: bool,
 ) -> None:
     """Copy the inputs in and write the child's job description; the child gets no other path."""
-    for folder in ("in", "out", "tmp"):
-        (scratch / folder).mkdir()
     names: dict[str, str] = {}
     for role, source in inputs.items():
         if not re.fullmatch(r"[a-z_]{1,32}", role):
@@ -223,10 +407,8 @@ def _prepare(
         "inputs": names,
         "options": options.model_dump(mode="json"),
         "out": "out",
-        "memory_bytes": limits.memory_bytes,
-        "cpu_seconds": limits.cpu_seconds,
         "test_hook": test_hook,
-        "parent_pid": os.getpid(),
+        "warm": warm,
     }
     (scratch / SPEC_NAME).write_text(json.dumps(spec))
 
@@ -236,14 +418,14 @@ class _Supervisor:
 
     def __init__(
         self,
-        scratch: Path,
-        limits: Limits,
+        child: JobProcess,
         progress: Progress,
         should_cancel: Callable[[], bool],
         poll_interval: float,
     ) -> None:
-        self.scratch = scratch
-        self.limits = limits
+        self.child = child
+        self.scratch = child.scratch
+        self.limits = child.launch.limits
         self.progress = progress
         self.should_cancel = should_cancel
         self.poll_interval = poll_interval
@@ -251,29 +433,12 @@ class _Supervisor:
         self.eof = False
 
     def run(self) -> SanitizeReport:
-        read_fd, write_fd = os.pipe()
+        proc, read_fd = self.child.proc, self.child.read_fd
         try:
-            with (self.scratch / LOG_NAME).open("wb") as child_log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-P", "-s", "-m", "workers.isolation", str(write_fd)],
-                    cwd=self.scratch,
-                    env=child_environment(os.environ, self.scratch),
-                    stdin=subprocess.PIPE,
-                    stdout=child_log,
-                    stderr=child_log,
-                    pass_fds=(write_fd,),
-                    start_new_session=True,  # its own process group: killed as a whole
-                )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
-        try:
+            self.child.go()
             final, cancelled = self._relay(proc, read_fd)
         finally:
-            cpu_used = _reap(proc)
-            os.close(read_fd)
+            cpu_used = self.child.reap()
         if cancelled:
             raise CancelledError("cancelled while running")
         if final is None:
@@ -372,6 +537,14 @@ class _Supervisor:
             path = out / name
             if not path.is_file() or path.is_symlink():
                 raise IsolationFailure("internal", f"the job's process did not write {name}")
+        # The output is checked here too, where a compromised job process cannot reach: it
+        # must hold built-in classes only, as any upload must (and as the child checked).
+        try:
+            inspect_bounded(out / "sanitized.keras", InspectionLimits.for_this_process())
+        except FinePruneError as exc:
+            raise IsolationFailure(
+                "internal", f"the sanitized model failed the output check: {exc.message}"
+            ) from None
         return report
 
     def _log_output(self, what: str) -> str:
@@ -510,7 +683,10 @@ class _Channel:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """A child must not outlive a pool child killed by Celery's hard limit or a lost machine."""
+    """A child must not outlive a pool child killed by Celery's hard limit or a lost machine.
+
+    Elsewhere than Linux the parent's end of stdin closing tells it (`_watch_stdin`).
+    """
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -519,7 +695,19 @@ def _die_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # it died before the line above
         os._exit(70)
 
-    def exit_on_eof() -> None:  # elsewhere than Linux: the parent's end of stdin closing
+
+def _wait_for_job() -> None:
+    """Block until the parent's go line; end at once if the parent is gone instead."""
+    try:
+        line = sys.stdin.buffer.readline()
+    except OSError:
+        line = b""
+    if line.strip() != b"go":
+        os._exit(70)
+    if sys.platform.startswith("linux"):
+        return  # PR_SET_PDEATHSIG covers it, and a thread could fail under a small heap
+
+    def exit_on_eof() -> None:  # the parent's end of stdin closing: the parent is gone
         with contextlib.suppress(OSError):
             sys.stdin.buffer.read()
         os._exit(70)
@@ -541,38 +729,69 @@ def _set_limits(memory_bytes: int, cpu_seconds: int) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
-def _configure_tensorflow() -> None:
-    """Import TensorFlow, letting GPU memory grow instead of grabbing it all.
+def _configure_tensorflow(threads: int) -> None:
+    """Import TensorFlow, size its thread pools, let GPU memory grow instead of grabbing it.
 
-    Memory growth must be set before TensorFlow touches a GPU, so it is the first thing done
-    after the import. On the `fineprune-gpu` queue (one worker per GPU) this lets the engine
-    share the card politely.
+    Both must be set before TensorFlow runs anything, so they are the first thing done after
+    the import. `threads` (cores / worker slots) keeps two slots from each running every core;
+    memory growth, on the `fineprune-gpu` queue (one worker per GPU), lets the engine share the
+    card politely. The engine is imported too: all of this is what a warm process saves a job.
     """
     import tensorflow as tf
 
+    if threads > 0:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:  # already initialised in this process
             log.warning("could not enable memory growth on %s", gpu.name)
+    import fineprune.pipeline  # noqa: F401  (Keras, matplotlib and the engine, ahead of the job)
 
 
-def _probe(out: Path) -> None:
+_inherited: list[str] = []  # the environment's names as the child was given them
+
+
+def _open_files() -> list[str]:
+    """Regular files this process has open (Linux), by path."""
+    found = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith("/") and os.path.isfile(target):
+                    found.append(target)
+    return sorted(found)
+
+
+def _probe(out: Path, spec: dict[str, Any], open_at_go: list[str]) -> None:
     """Test hook: what this process was given, for the tests to check."""
     data_limit = resource.getrlimit(resource.RLIMIT_DATA)
     cpu_limit = resource.getrlimit(resource.RLIMIT_CPU)
     probe = {
+        "warm": bool(spec.get("warm")),
+        "open_files_at_go": open_at_go,
+        "intra_op_threads": _tf_threads(),
         "pid": os.getpid(),
-        "environ": sorted(os.environ),
+        "environ": _inherited,  # before imports: TensorFlow and h5py add names of their own
         "cwd": os.getcwd(),
         "home": os.environ.get("HOME"),
         "tmpdir": tempfile.gettempdir(),
         "rlimit_data": list(data_limit),
         "rlimit_cpu": list(cpu_limit),
         "own_session": os.getsid(0) == os.getpid(),
-        "modules_at_start": sorted(m for m in ("tensorflow", "keras") if m in sys.modules),
+        "modules_at_go": sorted(m for m in ("tensorflow", "keras") if m in sys.modules),
     }
     (out / PROBE_NAME).write_text(json.dumps(probe))
+
+
+def _tf_threads() -> int | None:
+    if "tensorflow" not in sys.modules:
+        return None
+    import tensorflow as tf
+
+    return int(tf.config.threading.get_intra_op_parallelism_threads())
 
 
 def _fault(hook: str) -> None:
@@ -587,13 +806,12 @@ def _fault(hook: str) -> None:
         os._exit(3)
 
 
-def _sanitize(spec: dict[str, Any], channel: _Channel) -> SanitizeReport:
+def _sanitize(spec: dict[str, Any], channel: _Channel, open_at_go: list[str]) -> SanitizeReport:
     hook = spec.get("test_hook")
     out = Path(spec["out"])
     if hook == "probe":
-        _probe(out)
-    channel.progress("load", 0.0)  # importing TensorFlow is part of loading
-    _configure_tensorflow()
+        _probe(out, spec, open_at_go)
+    channel.progress("load", 0.0)
     from fineprune.pipeline import sanitize
 
     def progress(stage: str, fraction: float) -> None:
@@ -647,27 +865,42 @@ def _error_message(exc: BaseException, memory_bytes: int) -> dict[str, Any]:
     return {"type": "error", "kind": "internal", "message": text}
 
 
-def child_main(fd: int) -> None:
-    """The child: limits first, then the engine; one final message, then a quick exit."""
+def child_main(fd: int, start: dict[str, Any]) -> None:
+    """The child: limits, TensorFlow, then its one job; one final message, then a quick exit.
+
+    Everything before the go line is the same for every job (a warm process does it ahead):
+    nothing of the job exists yet. A failure there (a memory limit too small to import
+    TensorFlow) is kept and reported as the job's result.
+    """
     reserve: bytearray | None = bytearray(MiB)  # freed to report a MemoryError
-    spec = json.loads(Path(SPEC_NAME).read_text())
-    _die_with_parent(int(spec["parent_pid"]))
+    _inherited[:] = sorted(os.environ)
+    _die_with_parent(int(start["parent_pid"]))
     for sig in (signal.SIGXCPU, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
-    memory_bytes = int(spec["memory_bytes"])
-    _set_limits(memory_bytes, int(spec["cpu_seconds"]))
+    memory_bytes = int(start["memory_bytes"])
+    _set_limits(memory_bytes, int(start["cpu_seconds"]))
     import faulthandler
 
     faulthandler.enable()
     channel = _Channel(fd)
+    failed: BaseException | None = None
     try:
-        report = _sanitize(spec, channel)
+        _configure_tensorflow(int(start.get("threads") or 0))
+    except BaseException as exc:
+        failed = exc  # the reserve stays: waiting and reporting need a little heap
+    _wait_for_job()
+    try:
+        open_at_go = _open_files()
+        if failed is not None:
+            raise failed
+        spec = json.loads(Path(SPEC_NAME).read_text())
+        report = _sanitize(spec, channel, open_at_go)
         message: dict[str, Any] = {"type": "report", "report": report.model_dump_json()}
     except BaseException as exc:
         reserve = None
         message = _error_message(exc, memory_bytes)
         if not isinstance(exc, FinePruneError):
-            traceback.print_exc()
+            traceback.print_exception(exc)
     del reserve
     channel.send(message)
     sys.stderr.flush()
@@ -675,4 +908,4 @@ def child_main(fd: int) -> None:
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]))
+    child_main(int(sys.argv[1]), json.loads(sys.argv[2]))

@@ -5,7 +5,9 @@ running exactly once its own business: the record says whether a job is already 
 counts deliveries so a job that keeps killing its worker is failed instead of looping.
 
 The engine itself runs in a process of its own per job (`workers.isolation`): this module,
-and the pool child that runs it, never import TensorFlow or open an uploaded model.
+and the pool child that runs it, never import TensorFlow or open an uploaded model. Each pool
+child keeps one such process started ahead (`isolation.Slot`, from `worker_process_init`), so
+a job does not wait for TensorFlow's import.
 """
 
 from __future__ import annotations
@@ -20,25 +22,52 @@ from typing import Any
 import httpx
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from fineprune.errors import CancelledError, FinePruneError
 from jobs import lifecycle
 from jobs.callbacks import SIGNATURE_HEADER, CallbackRefused, check_url_target, sign
 from jobs.queue import CALLBACK_TASK, PURGE_TASK, RECOVER_TASK, SANITIZE_TASK, send_job
-from jobs.records import FileRecordStore, JobRecord, now, summary_from_report, to_resource
+from jobs.records import JobRecord, RecordStore, now, open_records, summary_from_report, to_resource
 from jobs.recovery import recover_lost_jobs
 from jobs.retention import purge_expired
+from jobs.settings import usable_cores
 from jobs.storage import LocalArtifactStore, StorageError
 from workers import isolation
-from workers.app import app, settings
+from workers.app import app, pool_size, settings
 
 log = logging.getLogger(__name__)
 
 
 @lru_cache
-def _stores() -> tuple[FileRecordStore, LocalArtifactStore]:
-    return FileRecordStore(settings.state_dir), LocalArtifactStore(settings.jobs_dir)
+def _stores() -> tuple[RecordStore, LocalArtifactStore]:
+    return open_records(settings), LocalArtifactStore(settings.jobs_dir)
+
+
+_slot: isolation.Slot | None = None  # this pool child's warm job process
+
+
+def _launch() -> isolation.Launch:
+    """What every job's process of this worker starts with: limits, and cores / slots threads."""
+    threads = settings.job_threads or max(1, usable_cores() // pool_size())
+    return isolation.Launch(
+        isolation.Limits(settings.job_memory_bytes, settings.job_cpu_seconds), threads
+    )
+
+
+@worker_process_init.connect
+def _start_warm_process(**_: Any) -> None:
+    """Each pool child starts its first job's process as it starts (not on the first job)."""
+    global _slot
+    if settings.warm_job_process:
+        _slot = isolation.Slot(_work_root(), _launch())
+        _slot.refill()
+
+
+@worker_process_shutdown.connect
+def _stop_warm_process(**_: Any) -> None:
+    if _slot is not None:
+        _slot.close()
 
 
 class JobTask(Task):
@@ -89,6 +118,7 @@ def _run(record: JobRecord) -> JobRecord | None:
     job_id = record.id
     isolation.remove_scratch(_work_root(), job_id)  # left by an attempt whose worker died
     heartbeat = lifecycle.Heartbeat(records, job_id, settings.heartbeat_interval)
+    launch = _launch()
 
     def watch() -> bool:
         """Polled by the supervisor while the job runs: a heartbeat, and has it been cancelled?"""
@@ -106,7 +136,9 @@ def _run(record: JobRecord) -> JobRecord | None:
                     paths,
                     record.options,
                     work_root=_work_root(),
-                    limits=isolation.Limits(settings.job_memory_bytes, settings.job_cpu_seconds),
+                    limits=launch.limits,
+                    threads=launch.threads,
+                    slot=_slot,
                     progress=lifecycle.ProgressWriter(records, job_id, settings.progress_interval),
                     should_cancel=watch,
                     label=job_id,
@@ -114,6 +146,7 @@ def _run(record: JobRecord) -> JobRecord | None:
                 )
             )
             report = result.report
+            _track(settings.mlflow_tracking_uri, report, result.out_dir, job_id)
             return lifecycle.publish_success(
                 records,
                 store,
@@ -140,6 +173,20 @@ def _run(record: JobRecord) -> JobRecord | None:
     except Exception as exc:
         log.exception("job %s failed unexpectedly", job_id)
         return lifecycle.fail(records, job_id, "internal", isolation.one_line(exc))
+
+
+def _track(uri: str | None, report, out_dir, job_id: str) -> None:
+    """Log the finished run to MLflow, here in the worker, after the job's process has gone:
+    the untrusted model's process never opens a connection. A tracking failure is logged and
+    does not fail the job: the sanitized model and report are what the client asked for."""
+    if not uri:
+        return
+    from fineprune.report.tracking import log_run
+
+    try:
+        log_run(report, out_dir, uri, name=job_id)
+    except Exception:
+        log.warning("job %s could not be logged to MLflow at %s", job_id, uri, exc_info=True)
 
 
 @app.task(bind=True, base=JobTask, name=SANITIZE_TASK, max_retries=None)

@@ -30,10 +30,11 @@ def serve(
 
 
 def worker(ctx: typer.Context) -> None:
-    """Start a Celery worker; extra arguments go to `celery worker` (--queues ...)."""
+    """Start a Celery worker; extra arguments go to `celery worker` (--queues ...). Its slots
+    fit the machine unless FINEPRUNE_WORKER_CONCURRENCY or --concurrency says otherwise."""
     from workers.app import app as celery_app
 
-    celery_app.worker_main(["worker", "--concurrency", "1", *ctx.args])
+    celery_app.worker_main(["worker", *ctx.args])
 
 
 def schema() -> None:

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
 
 from jobs import lifecycle, recovery
 from jobs.callbacks import CallbackRefused, check_url_syntax
@@ -114,13 +114,14 @@ def _job_or_404(records: RecordsDep, owner: str, job_id: str) -> JobRecord:
     return record
 
 
-def _created(record: JobRecord, status: int) -> JSONResponse:
+def _json(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A resource as its JSON, serialized once by pydantic (no response-model re-validation)."""
+    return Response(model.model_dump_json(), status, headers, media_type="application/json")
+
+
+def _created(record: JobRecord, status: int) -> Response:
     resource = to_resource(record)
-    return JSONResponse(
-        resource.model_dump(mode="json"),
-        status_code=status,
-        headers={"Location": resource.links.self},
-    )
+    return _json(resource, status, {"Location": resource.links.self})
 
 
 def _finite(text: str) -> float:
@@ -167,7 +168,7 @@ def _payload_hash(upload: Upload, options: SanitizeOptions, callback_url: str | 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _replay(records: RecordsDep, entry: IdempotencyEntry, payload_hash: str) -> JSONResponse:
+def _replay(records: RecordsDep, entry: IdempotencyEntry, payload_hash: str) -> Response:
     if entry.payload_hash != payload_hash:
         raise ApiError(
             422,
@@ -188,7 +189,7 @@ def _create(
     store: StoreDep,
     records: RecordsDep,
     queue: QueueDep,
-) -> JSONResponse:
+) -> Response:
     """Validate, record and queue one uploaded job (blocking; runs in a thread)."""
     for required in ("model", "data"):
         if required not in upload.files:
@@ -309,7 +310,7 @@ async def create_job(
     queue: QueueDep,
     owner: OwnerDep,
     idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
+) -> Response:
     job_id = new_job_id()
     upload = await receive_upload(request, store, job_id, settings)
     try:
@@ -328,14 +329,14 @@ async def create_job(
     summary="List your jobs, newest first",
     responses=error_responses(401, 422),
 )
-def list_jobs(
+def list_jobs(  # sync: the query runs in the threadpool, off the event loop
     records: RecordsDep,
     owner: OwnerDep,
     cursor: Annotated[
         str | None, Query(max_length=64, description="next_cursor of the previous page")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> JobPage:
+) -> Response:
     try:
         items, next_cursor = records.list_owner(owner, cursor, limit)
     except ValueError:
@@ -345,7 +346,9 @@ def list_jobs(
             "cursor is not one this API gave out",
             [{"loc": ["query", "cursor"], "msg": "invalid cursor", "type": "value_error"}],
         ) from None
-    return JobPage(items=[to_resource(r) for r in items], next_cursor=next_cursor)
+    return _json(
+        JobPage.model_construct(items=[to_resource(r) for r in items], next_cursor=next_cursor)
+    )
 
 
 @router.get(
@@ -354,8 +357,9 @@ def list_jobs(
     summary="A job's state, progress and summary",
     responses=error_responses(401, 404),
 )
-def get_job(job_id: str, records: RecordsDep, owner: OwnerDep) -> JobResource:
-    return to_resource(_job_or_404(records, owner, job_id))
+def get_job(job_id: str, records: RecordsDep, owner: OwnerDep) -> Response:
+    """The poll path: async dependencies, one threadpool hop (this read), one serialization."""
+    return _json(to_resource(_job_or_404(records, owner, job_id)))
 
 
 @router.delete(
@@ -368,13 +372,13 @@ def get_job(job_id: str, records: RecordsDep, owner: OwnerDep) -> JobResource:
     responses={202: {"model": JobResource, "description": "Cancellation requested."}}
     | error_responses(401, 404),
 )
-def delete_job(job_id: str, records: RecordsDep, store: StoreDep, owner: OwnerDep) -> JSONResponse:
+def delete_job(job_id: str, records: RecordsDep, store: StoreDep, owner: OwnerDep) -> Response:
     _job_or_404(records, owner, job_id)
     try:
         record, done = lifecycle.request_cancel(records, store, job_id)
     except RecordNotFound:
         raise ApiError(404, "not_found", f"no job {job_id!r}") from None
-    return JSONResponse(to_resource(record).model_dump(mode="json"), 200 if done else 202)
+    return _json(to_resource(record), 200 if done else 202)
 
 
 def _finished(records: RecordsDep, owner: str, job_id: str, name: str) -> JobRecord:
