@@ -11,17 +11,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from fineprune.data.labelled import load_clean
 from fineprune.data.near_copies import near_copies, near_copy_warning
 from fineprune.data.splits import Splits, load_splits
 from fineprune.errors import CancelledError
-from fineprune.load.loading import load_untrusted_model, save_model, sha256_file
+from fineprune.load.loading import load_untrusted_model, save_model
 from fineprune.load.model import OutputKind, model_signature, output_kind, predict
 from fineprune.prune.channels import count_parameters
 from fineprune.prune.decide import Pruning, check_cut, profile_and_choose
@@ -36,12 +34,9 @@ from fineprune.verdict.scan import ScanResult
 from fineprune.verdict.verdict import Detection, conclude, detect
 from schemas.options import SanitizeOptions
 from schemas.report import (
-    DataFile,
     DetectorReading,
-    ModelFile,
     PruneDecision,
     SanitizeReport,
-    ScanReport,
     StageMetrics,
     Verdict,
 )
@@ -106,7 +101,8 @@ def sanitize(
         final_metrics = pruned_metrics if tuning is None else measure(sanitized, splits)
 
     with run.stage("report"):
-        after = _detect(sanitized, splits, options.seed, kind, []) if before else None
+        changed = before is not None and options.changes_the_model
+        after = _detect(sanitized, splits, options.seed, kind, []) if changed else None
         verdict = _verdict(before, after, final_metrics)
         sanitized_path = paths.out / "sanitized.keras"
         save_model(sanitized, sanitized_path)
@@ -137,41 +133,6 @@ def sanitize(
     report.timings.update(run.timings)
     (paths.out / "report.json").write_text(report.model_dump_json(indent=2))
     return report
-
-
-def scan(
-    model: PathLike, data: PathLike, *, rescale: float | None = None, seed: int = 0
-) -> ScanReport:
-    """The detector alone on the model file `model`, with the clean samples in `data`: no
-    model is written, nothing is changed."""
-    keras.utils.set_random_seed(seed)
-    delivered, info = load_untrusted_model(model)
-    clean = load_clean(Path(data), model_signature(delivered), rescale)
-    kind = output_kind(predict(delivered, clean.x[:256]))
-    found = detect(delivered, clean.x, clean.y, seed, from_logits=kind == "logits")
-    reading = _reading(found)
-    if found.suspect is None:
-        conclusion = "no-signature"
-        reason = (
-            f"no class stands out (top anomaly {found.score:.2f}, threshold {found.threshold:g});"
-            " this is not proof that no backdoor is there"
-        )
-    else:
-        conclusion = "suspected"
-        reason = f"class {found.suspect} stands out (anomaly {found.score:.2f})"
-    return ScanReport(
-        created_at=datetime.now(UTC),
-        conclusion=conclusion,
-        reason=reason,
-        reading=reading,
-        input_model=ModelFile(
-            sha256=sha256_file(model),
-            format=info.format,
-            bytes=Path(model).stat().st_size,
-            parameters=count_parameters(delivered),
-        ),
-        data=[DataFile(sha256=sha256_file(data), samples=len(clean), role="clean")],
-    )
 
 
 @dataclass

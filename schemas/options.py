@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Defense = Literal["fine-pruning", "pruning", "fine-tuning"]
+Defense = Literal["fine-pruning", "pruning", "fine-tuning", "none"]
 
 
 class SanitizeOptions(BaseModel):
@@ -21,7 +21,8 @@ class SanitizeOptions(BaseModel):
     defense: Defense = Field(
         "fine-pruning",
         description="fine-pruning (prune the least active channels, then fine-tune), or one "
-        "half of it: pruning alone or fine-tuning alone.",
+        "half of it: pruning alone or fine-tuning alone; none: change nothing, only look for "
+        "a backdoor's signature (the verdict alone).",
         json_schema_extra={"advanced": True},
     )
     layer: str | None = Field(
@@ -109,8 +110,12 @@ class SanitizeOptions(BaseModel):
 
     @property
     def prunes(self) -> bool:
-        return self.defense != "fine-tuning"
+        return self.defense in ("fine-pruning", "pruning")
 
     @property
     def fine_tunes(self) -> bool:
-        return self.defense != "pruning" and self.epochs != 0
+        return self.defense in ("fine-pruning", "fine-tuning") and self.epochs != 0
+
+    @property
+    def changes_the_model(self) -> bool:
+        return self.prunes or self.fine_tunes

@@ -311,16 +311,3 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
             }
         data["fine_tuning"] = tuning
     return data
-
-
-class ScanReport(_Strict):
-    """The detector alone on one delivered model (`fineprune scan`): nothing is changed."""
-
-    schema_version: Literal["1"] = "1"
-    created_at: datetime
-    conclusion: Literal["no-signature", "suspected"]
-    reason: str
-    reading: DetectorReading
-    input_model: ModelFile
-    data: list[DataFile]
-    warnings: list[str] = []

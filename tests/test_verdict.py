@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from factories import backdoor_inputs, train_backdoored
 
-from fineprune.pipeline import sanitize, scan
+from fineprune.pipeline import sanitize
 from fineprune.verdict.verdict import Detection, conclude
 from schemas.options import SanitizeOptions
 
@@ -33,6 +33,8 @@ def test_measured_attack_success_decides_when_there_is_trigger_data():
 def test_without_trigger_data_nothing_suspected_is_no_signature_and_says_it_proves_nothing():
     found = conclude(_reading(None, 1.2), _reading(None, 1.0), None)
     assert found.conclusion == "no-signature" and "not proof" in found.reason
+    # Nothing changed and the trigger data reaches nothing: no signature, and nothing "removed".
+    assert conclude(_reading(None, 1.2), None, 0.0).conclusion == "no-signature"
 
 
 def test_a_vanished_signature_is_not_read_as_removed_without_evidence():
@@ -70,10 +72,14 @@ def test_the_report_opens_with_the_verdict(files, tmp_path: Path):
     assert page.index("Verdict: ") < page.index("<h1>")
 
 
-def test_scan_alone_names_the_target_and_changes_nothing(files):
-    found = scan(files["keras"], files["clean"])
-    assert found.conclusion == "suspected" and found.reading.suspect == 0
-    assert found.input_model.format == "keras"
+def test_defense_none_only_looks_and_changes_nothing(files, tmp_path: Path):
+    report = sanitize(files["keras"], files["clean"], tmp_path, SanitizeOptions(defense="none"))
+    verdict = report.verdict
+    assert verdict.conclusion == "may-remain" and verdict.before.suspect == 0
+    assert verdict.after is None and "nothing was changed" in verdict.reason
+    assert report.surgery is None and report.fine_tuning is None
+    assert report.output_model.parameters == report.input_model.parameters
+    assert report.fine_pruned == report.baseline
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess[str]:
@@ -85,7 +91,7 @@ def _cli(*args: object) -> subprocess.CompletedProcess[str]:
 
 def test_the_gate_exits_3_and_says_which_rule_tripped(files, tmp_path: Path):
     plain = _cli("scan", files["keras"], "--data", files["clean"])
-    assert plain.returncode == 0 and plain.stdout.startswith("Scan: suspected")
+    assert plain.returncode == 0 and plain.stdout.startswith("Verdict: may-remain: class 0")
     gated = _cli("scan", files["keras"], "--data", files["clean"], "--fail-on", "suspected")
     assert gated.returncode == 3 and "suspected (class 0)" in gated.stderr
     asr = _cli(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fineprune.cli.flags import build_options, with_option_flags
-from fineprune.cli.gate import FailOnOpt, MaxAsrOpt, apply_gate, check_gate_options, gate_report
+from fineprune.cli.gate import FailOnOpt, MaxAsrOpt, check_gate_options, gate_report
 from fineprune.cli.output import err, fail, quiet_tensorflow, require_files
 from fineprune.report.summary import interval, verdict_line
 
@@ -127,32 +128,29 @@ def _print_summary(report, out: Path) -> None:
 def scan(
     model: ModelArg,
     data: DataOpt,
+    trigger_data: TriggerOpt = None,
     rescale: Annotated[
         str | None, typer.Option(metavar="FACTOR", help="Multiply inputs first (1/255).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the scan's draws.")] = 0,
     fail_on: FailOnOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as JSON.")] = False,
 ) -> None:
-    """Look for a backdoor's signature without changing the model (exit 3 with --fail-on)."""
-    chosen = build_options({"rescale": rescale} if rescale else {})
-    require_files(model=model, data=data)
+    """Look for a backdoor's signature without changing the model (defense none); exit 3 with
+    --fail-on when one is found."""
+    chosen = build_options({"defense": "none", **({"rescale": rescale} if rescale else {})})
+    require_files(model=model, data=data, trigger_data=trigger_data)
     quiet_tensorflow()
     from fineprune.errors import FinePruneError
-    from fineprune.pipeline import scan as run
+    from fineprune.pipeline import sanitize as run
 
-    try:
-        found = run(model, data, rescale=chosen.rescale, seed=seed)
-    except FinePruneError as exc:
-        fail(exc.message)
+    with tempfile.TemporaryDirectory(prefix="fineprune-scan-") as out:
+        try:
+            report = run(model, data, out, chosen, trigger_data=trigger_data)
+        except FinePruneError as exc:
+            fail(exc.message)
     if as_json:
-        sys.stdout.write(found.model_dump_json(indent=2) + "\n")
+        verdict = report.verdict.model_dump_json(indent=2) if report.verdict else "null"
+        sys.stdout.write(verdict + "\n")
     else:
-        Console().print(
-            f"Scan: {found.conclusion}: {found.reason}",
-            highlight=False,
-            markup=False,
-            soft_wrap=True,
-        )
-    conclusion = "may-remain" if found.conclusion == "suspected" else found.conclusion
-    apply_gate(conclusion, found.reading.suspect, None, fail_on, None)
+        Console().print(verdict_line(report), highlight=False, markup=False, soft_wrap=True)
+    gate_report(report, fail_on, None)

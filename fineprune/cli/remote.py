@@ -64,6 +64,9 @@ def _print_job(job, as_json: bool) -> None:
         )
         if s.attack_success_before is not None and s.attack_success_after is not None:
             line += f"  attack {s.attack_success_before:.2%} -> {s.attack_success_after:.2%}"
+        if s.conclusion:
+            suspect = "" if s.suspect is None else f" (class {s.suspect} suspected)"
+            line += f"  verdict {s.conclusion}{suspect}"
     Console().print(line, highlight=False, soft_wrap=True)
 
 

@@ -63,6 +63,13 @@ def conclude(
 ) -> Verdict:
     """The conclusion from the detector before and after, or from a measured attack success."""
     if attack_success is not None:
+        if attack_success <= max_asr and after is None:  # nothing was changed: none to remove
+            return Verdict(
+                "no-signature",
+                f"measured attack success {attack_success:.1%} on the trigger data is at most "
+                f"{max_asr:.1%}",
+                True,
+            )
         if attack_success <= max_asr:
             return Verdict(
                 "removed",
@@ -89,6 +96,13 @@ def conclude(
             "removed",
             f"class {before.suspect} stood out (anomaly {before.score:.2f}) and no class stands "
             f"out after sanitizing ({after.score:.2f} < {after.threshold:g})",
+            False,
+        )
+    if after is None:
+        return Verdict(
+            "may-remain",
+            f"class {before.suspect} stands out (anomaly {before.score:.2f}) and nothing was "
+            "changed",
             False,
         )
     if gone:
