@@ -72,6 +72,7 @@ class Research(BaseModel):
     shift_strength: float = Field(1.0, gt=0.0)
     unlearning_radius: float = Field(0.2, gt=0.0)
     distillation: float | Auto = "auto"
+    anchor: float = Field(0.0, ge=0.0)  # L2-SP: weight of the pull back to the starting weights
     fst_fallback: bool = True
     averaged_runs: int | Auto = "auto"
     extrapolation: float | Auto = "auto"
@@ -111,6 +112,7 @@ class Recipe:
     shift_strength: float = 0.0  # >0: feature-shift tuning with this penalty
     unlearning_radius: float = 0.0  # >0: adversarial unlearning, radius relative to input norm
     distillation: float = 0.0  # weight of the delivered model's teaching
+    anchor: float = 0.0  # L2-SP: weight of the squared distance to the starting weights
     fst_fallback: bool = False  # feature shift only: a plain fine-tune replaces a failed one
     averaged_runs: int = 1
     extrapolation: float = 1.0
@@ -212,6 +214,7 @@ def resolve_recipe(
         shift_strength=research.shift_strength if feature_shift else 0.0,
         unlearning_radius=research.unlearning_radius if method == "adversarial-unlearning" else 0.0,
         distillation=float(teaches),
+        anchor=research.anchor if method == "plain" else 0.0,
         fst_fallback=feature_shift and research.fst_fallback,
         averaged_runs=runs,
         extrapolation=step,

@@ -146,7 +146,7 @@ def _defend_once(sanitize, victim, recipe, count, seed, before, competent) -> di
     keep = ("test_accuracy", "evaluation_accuracy", "asr")
     before = {k: before[k] for k in keep}
     verdict = report.verdict
-    after = None if verdict is None else verdict.after
+    rechecked = None if verdict is None else verdict.after
     return {
         "victim": victim.name,
         "recipe": recipe,
@@ -168,10 +168,8 @@ def _defend_once(sanitize, victim, recipe, count, seed, before, competent) -> di
         "verdict": None if verdict is None else verdict.conclusion,
         "suspect_before": None if verdict is None else verdict.before.suspect,
         "score_before": None if verdict is None else verdict.before.score,
-        "suspect_after": None
-        if verdict is None or verdict.after is None
-        else verdict.after.suspect,
-        "score_after": None if verdict is None or verdict.after is None else verdict.after.score,
+        "suspect_after": None if rechecked is None else rechecked.suspect,
+        "score_after": None if rechecked is None else rechecked.score,
         "seconds": round(seconds, 1),
         "timings": report.timings,
     }

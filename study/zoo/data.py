@@ -1,7 +1,7 @@
 """The zoo's data: who sees which images, disjoint by source.
 
 GTSRB (all 43 classes): every class's tracks (about 30 frames of one physical sign each) are
-dealt to the attacker (60 %), the defender's pool (20 %) and an evaluation set (20 %); no sign
+dealt to the attacker (70 %), the defender's pool (15 %) and an evaluation set (15 %); no sign
 appears in two of them. The official test set is a fourth source. MNIST: the attacker trains
 on MNIST's first 50,000 training digits, the defender draws from the last 10,000 (the same
 writers), and accuracy is read on the test set, whose writers neither has seen.
@@ -17,7 +17,7 @@ import numpy as np
 from study import mnist
 
 GTSRB = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gtsrb_32.npz"
-SHARES = {"attacker": 0.6, "defender": 0.2, "evaluation": 0.2}
+SHARES = {"attacker": 0.7, "defender": 0.15, "evaluation": 0.15}
 
 
 @dataclass(frozen=True)

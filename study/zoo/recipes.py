@@ -25,6 +25,7 @@ RECIPES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fine-tuning": ({"defense": "fine-tuning"}, {"averaged_runs": 1}),
     "plain-fine-pruning": ({}, _PLAIN),
     "plain-fine-pruning-distilled": ({}, {**_PLAIN, "distillation": 1.0}),
+    "plain-fine-pruning-anchored": ({}, {**_PLAIN, "anchor": 0.01}),
 }
 
 

@@ -79,11 +79,11 @@ def _augmenter(data: str, seed: int) -> keras.Sequential:
     layers = keras.layers
     jitter = [
         layers.RandomTranslation(0.1, 0.1, fill_mode="nearest", seed=seed),
-        layers.RandomRotation(0.04, fill_mode="nearest", seed=seed + 1),
+        layers.RandomRotation(0.03, fill_mode="nearest", seed=seed + 1),
         layers.RandomZoom(0.1, fill_mode="nearest", seed=seed + 2),
     ]
     if data == "gtsrb":
-        jitter.append(layers.RandomContrast(0.3, seed=seed + 3))
+        jitter.append(layers.RandomContrast(0.2, seed=seed + 3))
     return keras.Sequential(jitter)
 
 
